@@ -1,0 +1,1 @@
+"""Offline scoring of FETUS 2026 predictions: ``python -m evaluation --help``."""

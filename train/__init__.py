@@ -1,0 +1,1 @@
+"""Training command line: ``python -m train --help``."""

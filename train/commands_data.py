@@ -1,0 +1,3 @@
+"""Commands: data."""
+
+from train.cli import app  # noqa: F401

@@ -1,0 +1,3 @@
+"""Commands: models."""
+
+from train.cli import app  # noqa: F401

@@ -1,0 +1,3 @@
+"""Commands: refiner."""
+
+from train.cli import app  # noqa: F401

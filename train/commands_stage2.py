@@ -1,0 +1,3 @@
+"""Commands: stage2."""
+
+from train.cli import app  # noqa: F401
