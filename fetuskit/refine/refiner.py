@@ -1,0 +1,269 @@
+"""Boundary refinement: a promptable segmenter redraws each class of a coarse label map.
+
+The image is encoded once; every class present gets a prompt from its largest connected
+component (box, optional interior click, optional mask prompt), and all prompts of the image
+go through the mask decoder as one batch. A refined mask replaces the coarse one only when
+the decoder's predicted IoU and its Dice with the coarse component clear the thresholds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fetuskit.labels import CLASS_MASK, NUM_CLASSES, NUM_VIEWS
+from fetuskit.refine.prompts import ClassPrompt, class_prompts, probability_to_logits
+from fetuskit.refine.segmenter import InputFrame, PromptableSegmenter, prepare_input
+from fetuskit.refine.weights import get_backend, load_segmenter
+from fetuskit.transforms import resize_probabilities
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RefinerConfig:
+    """Settings of the refiner. Distances are in pixels of the input image.
+
+    Attributes:
+        backend: ``"litemedsam"`` or ``"sam-med2d"``.
+        weights: weights file; None uses the backend's packaged weights (LiteMedSAM only).
+        margin: pixels added to each side of a class box. Refined pixels outside that box are
+            dropped, so a class can grow by at most ``margin`` beyond its coarse extent.
+        min_area: classes whose largest component is smaller are left as they are.
+        min_predicted_iou: lowest IoU the decoder may predict for an accepted mask.
+        min_dice: lowest Dice between the refined mask and the coarse component.
+        classes: class ids to refine. Ring-like classes (5 heart, 7 thoracic cavity) and thin
+            vessels can be left out here when a box prompt fills or breaks them.
+        use_point: add the component's interior point as a positive click.
+        use_mask_prompt: pass the coarse class probability as a mask prompt.
+        mask_logit_limit: magnitude at which mask-prompt logits are clipped.
+        device: torch device of the segmenter.
+    """
+
+    backend: str = "litemedsam"
+    weights: str | None = None
+    margin: int = 5
+    min_area: int = 16
+    min_predicted_iou: float = 0.5
+    min_dice: float = 0.7
+    classes: tuple[int, ...] = tuple(range(1, NUM_CLASSES))
+    use_point: bool = False
+    use_mask_prompt: bool = False
+    mask_logit_limit: float = 8.0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        get_backend(self.backend)
+        self.classes = tuple(int(c) for c in self.classes)
+        invalid = [c for c in self.classes if not 1 <= c < NUM_CLASSES]
+        if invalid:
+            raise ValueError(f"classes {invalid} are not foreground classes: expected ids 1..{NUM_CLASSES - 1}")
+        if self.margin < 0 or self.min_area < 1:
+            raise ValueError(f"margin must be >= 0 and min_area >= 1, got {self.margin} and {self.min_area}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> RefinerConfig:
+        """Build a config from a dict; raise ValueError naming any unknown key."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown refiner config keys {unknown}: expected some of {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class _Decoded:
+    masks: np.ndarray  # (N, H, W) bool, already cut to each prompt's box
+    predicted_iou: np.ndarray  # (N,) float32
+    reports: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Refiner:
+    """Refine coarse label maps with a promptable segmenter (see module docstring)."""
+
+    def __init__(self, config: RefinerConfig, segmenter: PromptableSegmenter | None = None) -> None:
+        self.config = config
+        self.backend = get_backend(config.backend)
+        if segmenter is None:
+            segmenter = load_segmenter(config.backend, config.weights, config.device)
+        self.segmenter = segmenter.to(config.device).eval()
+
+    def refine(
+        self,
+        image: np.ndarray,
+        coarse: np.ndarray,
+        probabilities: np.ndarray | None = None,
+        view: int | None = None,
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Refine one coarse label map.
+
+        Args:
+            image: (H, W) float32 in [0, 1].
+            coarse: (H, W) uint8 label map with values 0..14.
+            probabilities: optional (15, H, W) float32 class probabilities of the backbone.
+                They set the mask prompts and the priority when refined masks overlap. None
+                uses the one-hot coarse map instead.
+            view: 0-based view index, or None. With a view, only classes it allows are
+                refined; classes already in ``coarse`` are never removed for being disallowed.
+
+        Returns:
+            The refined (H, W) uint8 label map, and a report: ``classes`` maps each prompted
+            class to its box, point, predicted IoU, Dice and whether it was accepted;
+            ``skipped`` maps the other requested classes to the reason.
+        """
+        self._check_inputs(image, coarse, probabilities, view)
+        classes = [c for c in self.config.classes if view is None or CLASS_MASK[view, c]]
+        prompts, skipped = class_prompts(
+            coarse, classes, self.config.margin, self.config.min_area, self.config.use_point
+        )
+        report: dict[str, Any] = {"backend": self.config.backend, "view": view, "classes": {}, "skipped": skipped}
+        if not prompts:
+            return coarse.astype(np.uint8, copy=True), report
+
+        priority = probabilities if probabilities is not None else _one_hot(coarse)
+        decoded = self._decode(image, prompts, priority)
+        accepted: dict[int, np.ndarray] = {}
+        for index, prompt in enumerate(prompts):
+            entry = decoded.reports[index]
+            if entry["accepted"]:
+                accepted[prompt.class_id] = decoded.masks[index]
+            report["classes"][prompt.class_id] = entry
+
+        refined = compose_label_map(coarse, accepted, priority)
+        report["changed_pixels"] = int((refined != coarse).sum())
+        return refined, report
+
+    def _check_inputs(
+        self, image: np.ndarray, coarse: np.ndarray, probabilities: np.ndarray | None, view: int | None
+    ) -> None:
+        if image.ndim != 2:
+            raise ValueError(f"image must be (H, W) grayscale, got shape {image.shape}")
+        if coarse.shape != image.shape:
+            raise ValueError(f"coarse label map shape {coarse.shape} differs from image shape {image.shape}")
+        if coarse.size and int(coarse.max()) >= NUM_CLASSES:
+            raise ValueError(f"coarse label map holds value {int(coarse.max())}, expected 0..{NUM_CLASSES - 1}")
+        if probabilities is not None and probabilities.shape != (NUM_CLASSES, *image.shape):
+            raise ValueError(
+                f"probabilities shape {probabilities.shape} differs from the expected {(NUM_CLASSES, *image.shape)}"
+            )
+        if view is not None and not 0 <= view < NUM_VIEWS:
+            raise ValueError(f"view must be a 0-based index in 0..{NUM_VIEWS - 1} or None, got {view}")
+
+    @torch.inference_mode()
+    def _decode(self, image: np.ndarray, prompts: list[ClassPrompt], priority: np.ndarray) -> _Decoded:
+        device = self.config.device
+        tensor, frame = prepare_input(
+            image, self.segmenter.input_size, self.backend.resize_mode, self.backend.normalisation
+        )
+        embedding = self.segmenter.encode(tensor.to(device))
+
+        boxes = torch.from_numpy(frame.boxes_to_input(np.stack([p.box for p in prompts]))).to(device)
+        points = None
+        if self.config.use_point:
+            points = torch.from_numpy(frame.points_to_input(np.stack([p.point for p in prompts]))).to(device)
+        mask_logits = None
+        if self.config.use_mask_prompt:
+            class_maps = np.stack([priority[p.class_id] for p in prompts]).astype(np.float32)
+            mask_logits = self._mask_prompt(class_maps, frame).to(device)
+
+        low_res, predicted_iou = self.segmenter.decode(embedding, boxes, points, mask_logits)
+        masks = (frame.logits_to_image(low_res.float())[:, 0] > 0).cpu().numpy()
+        predicted_iou = predicted_iou[:, 0].float().cpu().numpy()
+
+        decoded = _Decoded(masks=masks, predicted_iou=predicted_iou)
+        for index, prompt in enumerate(prompts):
+            masks[index] &= _box_mask(prompt.box, masks.shape[1:])
+            dice = _dice(masks[index], prompt.component)
+            accepted = (
+                bool(masks[index].any())
+                and predicted_iou[index] >= self.config.min_predicted_iou
+                and dice >= self.config.min_dice
+            )
+            decoded.reports.append(
+                {
+                    "box": prompt.box.tolist(),
+                    "point": None if prompt.point is None else prompt.point.tolist(),
+                    "predicted_iou": float(predicted_iou[index]),
+                    "dice_with_coarse": dice,
+                    "accepted": accepted,
+                }
+            )
+        return decoded
+
+    def _mask_prompt(self, class_maps: np.ndarray, frame: InputFrame) -> torch.Tensor:
+        # (N, H, W) probabilities -> input frame (padding is background) -> (N, 1, 4h, 4w) logits.
+        maps = frame.maps_to_input(torch.from_numpy(class_maps)[:, None], pad_value=0.0)
+        height, width = self.segmenter.mask_input_size
+        maps = resize_probabilities(maps, height, width)
+        return probability_to_logits(maps, self.config.mask_logit_limit)
+
+
+def compose_label_map(
+    coarse: np.ndarray, accepted: Mapping[int, np.ndarray], priority: np.ndarray
+) -> np.ndarray:
+    """Merge accepted refined masks with the coarse map into one (H, W) uint8 label map.
+
+    Each foreground class claims the pixels of its accepted refined mask, or of its coarse
+    mask when it has none. A pixel claimed by several classes takes the one with the highest
+    ``priority`` (15, H, W) there, and on equal priority the lowest class id. A pixel that no
+    class claims is background. With no accepted mask the result equals ``coarse``.
+    """
+    claims = np.zeros((NUM_CLASSES, *coarse.shape), dtype=bool)
+    for class_id in range(1, NUM_CLASSES):
+        claims[class_id] = accepted[class_id] if class_id in accepted else coarse == class_id
+    score = np.where(claims, priority, -np.inf)
+    label = np.argmax(score, axis=0).astype(np.uint8)
+    label[~claims.any(axis=0)] = 0
+    return label
+
+
+def _one_hot(coarse: np.ndarray) -> np.ndarray:
+    return (np.arange(NUM_CLASSES)[:, None, None] == coarse[None]).astype(np.float32)
+
+
+def _box_mask(box: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    x1, y1, x2, y2 = (int(v) for v in box)
+    inside = np.zeros(shape, dtype=bool)
+    inside[y1 : y2 + 1, x1 : x2 + 1] = True
+    return inside
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 2.0 * int(np.logical_and(a, b).sum()) / total if total else 1.0
+
+
+def build_refiner(config: RefinerConfig | Mapping[str, Any]) -> Refiner:
+    """Build a Refiner from a config or a dict of its fields (unknown keys raise ValueError)."""
+    if not isinstance(config, RefinerConfig):
+        config = RefinerConfig.from_dict(config)
+    return Refiner(config)
+
+
+def refine_batch(
+    refiner: Refiner,
+    images: Sequence[np.ndarray],
+    coarse_maps: Sequence[np.ndarray],
+    probabilities: Sequence[np.ndarray | None] | None = None,
+    views: Sequence[int | None] | None = None,
+) -> list[tuple[np.ndarray, dict[str, Any]]]:
+    """Refine several images in turn with ``Refiner.refine``; the sequences align by index."""
+    if len(images) != len(coarse_maps):
+        raise ValueError(f"got {len(images)} images but {len(coarse_maps)} coarse label maps")
+    probabilities = probabilities if probabilities is not None else [None] * len(images)
+    views = views if views is not None else [None] * len(images)
+    if not len(probabilities) == len(views) == len(images):
+        raise ValueError(f"got {len(images)} images, {len(probabilities)} probability maps and {len(views)} views")
+    return [
+        refiner.refine(image, coarse, probability, view)
+        for image, coarse, probability, view in zip(images, coarse_maps, probabilities, views, strict=True)
+    ]
