@@ -297,7 +297,8 @@ def _find_focus_inputs(pred_dir: Path, images_dir: Path, focus_split: Path) -> l
         problems += [f"{path}: not found (for image {image.name})" for path in required if not path.is_file()]
         found.append((image, prediction, stem))
     if problems:
-        raise FileNotFoundError("\n".join([f"{len(problems)} input file(s) missing:", *problems]))
+        header = f"{len(problems)} input file(s) missing; write a prediction for every converted image and check --focus-split:"
+        raise FileNotFoundError("\n".join([header, *problems]))
     return found
 
 
@@ -349,7 +350,11 @@ def main(
     out: Annotated[Path, typer.Option(help="Output folder for focus_summary.json and focus_cases.csv.")],
 ) -> None:
     """Score predictions on converted FOCUS images: heart and thorax Dice, NSD and CTR score (0..1)."""
-    cases = score_focus_folder(pred_dir, images, focus_split)
+    try:
+        cases = score_focus_folder(pred_dir, images, focus_split)
+    except (FileNotFoundError, ValueError) as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(code=2) from error
     summary = write_focus_report(cases, out)
     table = Table(title=f"FOCUS scores, {len(cases)} cases")
     columns = ("heart Dice raw", "heart Dice fitted", "thorax Dice raw", "thorax Dice fitted", "heart NSD", "thorax NSD", "CTR score")

@@ -199,8 +199,8 @@ def test_cli_ground_truth_scores_one(tmp_path):
 def test_cli_missing_files_all_reported(tmp_path):
     _write_predictions(tmp_path / "pred", {"001": np.zeros((512, 512), np.uint8)})
     result = _run_cli(tmp_path)
-    assert isinstance(result.exception, FileNotFoundError)
-    message = str(result.exception)
-    assert message.startswith("11 input file(s) missing:")
+    assert result.exit_code == 2
+    message = result.output
+    assert message.startswith("11 input file(s) missing; write a prediction for every converted image")
     assert "004.h5: not found (for image 004.h5)" in message
     assert "050.h5: not found" in message
