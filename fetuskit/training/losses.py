@@ -1,8 +1,8 @@
 """Loss terms of the trainer, all with hard view masking.
 
 Logits arrive in any float dtype (fp16 or bf16 under autocast) and are converted to float32
-before masking. Disallowed classes get :data:`VIEW_MASK_FILL`, a large negative finite value:
-the fp16 minimum would overflow to -inf in later arithmetic and turn losses into NaN.
+before masking. Disallowed classes get :data:`VIEW_MASK_FILL`, a large negative finite value.
+The fp16 minimum would overflow to -inf in later fp16 arithmetic and turn losses into NaN.
 """
 
 from __future__ import annotations
@@ -12,8 +12,12 @@ import torch.nn.functional as F
 
 from fetuskit.labels import CHD_MASK, CLASS_MASK, NUM_CHD, NUM_CLASSES
 
-VIEW_MASK_FILL = -1.0e4
-"""Logit given to classes the view does not allow; exp(-1e4) is exactly 0 in float32."""
+VIEW_MASK_FILL = -1.0e9
+"""Float32 logit given to classes the view does not allow.
+
+It lies far below every finite fp16 value (-65504), so a disallowed class cannot win even
+against allowed logits at the fp16 extreme, and its softmax probability is exactly 0.
+"""
 
 DICE_SMOOTH = 1.0
 """Added to numerator and denominator of the soft Dice, in pixels."""
@@ -30,7 +34,7 @@ def allowed_chd(views: torch.Tensor) -> torch.Tensor:
 
 
 def mask_logits_by_view(logits: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
-    """Return float32 (N, 15, H, W) logits with every class the view disallows set to -1e4."""
+    """Return float32 (N, 15, H, W) logits with every class the view disallows set to -1e9."""
     allowed = allowed_classes(views)[:, :, None, None]
     return logits.float().masked_fill(~allowed, VIEW_MASK_FILL)
 
