@@ -7,7 +7,7 @@ in a thread pool while the network runs on batches. Each input gets ``<basename>
 A case is never dropped. An image that cannot be read or predicted gets an all-background
 mask (at the input's size when its image dataset's shape is readable, else 512x512) and a zero
 label, and the run report lists it with the reason. The run writes ``run_settings.json`` at
-the start and ``run_report.json`` at the end into the output folder; the scorer matches
+the start and ``run_report.json`` at the end into the output folder. The scorer matches
 predictions by ``.h5`` file name, so these files do not disturb it.
 """
 
@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 import fetuskit
+from evaluation.metrics import time_score
 from fetuskit.arrays import to_pixels_hwc
 from fetuskit.cases import Case, load_cases, resolve_path
 from fetuskit.errors import CaseListError, FetusError
@@ -46,11 +47,6 @@ logger = logging.getLogger(__name__)
 FALLBACK_SIZE = (512, 512)
 SETTINGS_NAME = "run_settings.json"
 REPORT_NAME = "run_report.json"
-
-# TimeScore is linear in the mean wall time per image: 100 at or below the fast end, 0 at or
-# above the slow end. Fitted to the published FETUS 2026 platform results (an estimate).
-TIME_SCORE_FAST_MS = 79.4
-TIME_SCORE_SLOW_MS = 239.4
 
 
 class InferenceSetupError(RuntimeError):
@@ -141,13 +137,6 @@ class RunReport:
         return 1 if self.missing_outputs else 0
 
 
-def time_score(mean_ms_per_image: float) -> float:
-    """Return the FETUS 2026 TimeScore (0..100) for a mean wall time per image in milliseconds."""
-    span = TIME_SCORE_SLOW_MS - TIME_SCORE_FAST_MS
-    fraction = (TIME_SCORE_SLOW_MS - mean_ms_per_image) / span
-    return float(min(100.0, max(0.0, 100.0 * fraction)))
-
-
 def run_inference(config: InferenceConfig) -> RunReport:
     """Predict every case of the configured input and write one ``.h5`` file per case.
 
@@ -172,7 +161,7 @@ def run_inference(config: InferenceConfig) -> RunReport:
     verify_checksums(manifest)
     load_start = time.perf_counter()
     ensemble = load_ensemble(manifest, device)
-    refiner = _build_refiner(manifest, config.refine)
+    refiner = _build_refiner(manifest, config.refine, device)
     report = RunReport(total_cases=len(cases), device=str(device))
     report.model_load_seconds = time.perf_counter() - load_start
     logger.info(
@@ -331,7 +320,7 @@ def load_ensemble(manifest: WeightsManifest, device: torch.device) -> Ensemble:
     for member in manifest.members:
         path = manifest.checkpoint_path(member)
         try:
-            model, _ = load_checkpoint(path, use=member.use)
+            model, _ = load_checkpoint(path, map_location=device, use=member.use)
         # Any failure to load a checksum-verified file means the weights folder is unusable.
         except Exception as error:  # noqa: BLE001
             raise InferenceSetupError(
@@ -350,7 +339,11 @@ def load_ensemble(manifest: WeightsManifest, device: torch.device) -> Ensemble:
     )
 
 
-def _build_refiner(manifest: WeightsManifest, enabled: bool) -> Any | None:
+def _build_refiner(manifest: WeightsManifest, enabled: bool, device: torch.device) -> Any | None:
+    """Build the manifest's refiner on ``device``, or return None when none is configured or enabled.
+
+    A relative ``weights`` path in the refiner settings is taken relative to the manifest's folder.
+    """
     if manifest.refiner is None:
         return None
     if not enabled:
@@ -361,7 +354,20 @@ def _build_refiner(manifest: WeightsManifest, enabled: bool) -> Any | None:
     except ImportError:
         logger.warning("the manifest configures a refiner, but fetuskit.refine.build_refiner is missing; skipping refinement")
         return None
-    return build_refiner(manifest.refiner)
+
+    settings = dict(manifest.refiner)
+    settings.setdefault("device", str(device))
+    if settings.get("weights") and not Path(settings["weights"]).is_absolute():
+        settings["weights"] = str(manifest.folder / settings["weights"])
+    # NOTE: the manifest checksums cover the ensemble members only, not the refiner's weights.
+    try:
+        return build_refiner(settings)
+    # Invalid settings or unreadable refiner weights mean the shipped weights folder is broken.
+    except Exception as error:  # noqa: BLE001
+        raise InferenceSetupError(
+            f"cannot build the refiner configured in {manifest.folder / 'manifest.json'}: "
+            f"{type(error).__name__}: {error}. Fix its \"refiner\" settings, or pass --no-refine."
+        ) from error
 
 
 def _prepare_output_dir(path: Path) -> Path:
