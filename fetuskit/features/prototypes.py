@@ -100,7 +100,7 @@ def class_prototypes(
         raise ValueError(f"weights must have the labels' shape {tuple(labels.shape)}, got {tuple(weights.shape)}")
 
     grid = (features.shape[2], features.shape[3])
-    fractions = class_fractions(labels, weights.to(features.device), num_classes, grid)
+    fractions = class_fractions(labels.to(features.device), weights.to(features.device), num_classes, grid)
     unit = F.normalize(features.float(), dim=1)
     sums = torch.einsum("nkhw,ndhw->kd", fractions, unit)
     mass = fractions.sum(dim=(0, 2, 3))
