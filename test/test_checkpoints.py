@@ -1,0 +1,130 @@
+"""Checkpoint round trips for every registered model, and strict key errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fetuskit.models import StateDictMismatchError, build_model, registered_models, tiny_config
+from fetuskit.models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+
+THRESHOLDS = [0.5, 0.4, 0.3, 0.6, 0.5, 0.45, 0.55]
+
+
+def build_tiny(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(name, **tiny_config(name)).eval()
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    torch.set_num_threads(2)
+
+
+@pytest.mark.parametrize("name", registered_models())
+def test_round_trip_same_outputs(name, tmp_path):
+    model = build_tiny(name)
+    path = save_checkpoint(
+        tmp_path / "model.pt", model, stage="stage1", thresholds=THRESHOLDS, metrics={"score": 61.5}
+    )
+    loaded, info = load_checkpoint(path)
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        actual = loaded(x)
+    for want, got in zip(expected, actual):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert loaded.name == name
+    assert loaded.config == model.config
+    assert info["weights"] == "student"
+    assert info["stage"] == "stage1"
+    assert info["thresholds"] == THRESHOLDS
+    assert info["metrics"] == {"score": 61.5}
+
+
+@pytest.mark.parametrize("name", registered_models())
+def test_teacher_preferred_when_present(name, tmp_path):
+    student = build_tiny(name, seed=0)
+    teacher = build_tiny(name, seed=1)
+    path = save_checkpoint(tmp_path / "model.pt", student, stage="stage2", teacher_state=teacher.state_dict())
+    auto, auto_info = load_checkpoint(path, use="auto")
+    chosen_student, student_info = load_checkpoint(path, use="student")
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(auto(x).chd, teacher(x).chd, rtol=0, atol=0)
+        torch.testing.assert_close(chosen_student(x).chd, student(x).chd, rtol=0, atol=0)
+    assert auto_info["weights"] == "teacher"
+    assert student_info["weights"] == "student"
+
+
+def test_checkpoint_fields(tmp_path):
+    model = build_tiny("timm-unet")
+    path = save_checkpoint(tmp_path / "a" / "model.pt", model, stage="stage1", extra={"epoch": 3})
+    content = torch.load(path, weights_only=True)
+    assert content["format"] == "fetuskit-checkpoint"
+    assert content["version"] == 1
+    assert content["arch"] == "timm-unet"
+    assert content["config"]["encoder"] == "mobilenetv3_small_050"
+    assert content["teacher"] is None
+    assert content["thresholds"] is None
+    assert content["extra"] == {"epoch": 3}
+    assert sorted(content["student"]) == sorted(model.state_dict())
+    assert [p.name for p in path.parent.iterdir()] == ["model.pt"]
+
+
+def test_pretrained_weights_not_reloaded(tmp_path):
+    model = build_tiny("echocare")
+    model.config.encoder_weights = str(tmp_path / "absent_encoder.pth")
+    path = save_checkpoint(tmp_path / "model.pt", model, stage="stage1")
+    loaded, info = load_checkpoint(path)
+    assert info["config"]["encoder_weights"].endswith("absent_encoder.pth")
+    assert loaded.config.encoder_weights == model.config.encoder_weights
+
+
+def test_missing_and_unexpected_keys_listed(tmp_path):
+    model = build_tiny("timm-unet")
+    path = save_checkpoint(tmp_path / "model.pt", model, stage="stage1")
+    content = read_checkpoint(path)
+    del content["student"]["seg_out.bias"]
+    content["student"]["extra_head.weight"] = torch.zeros(2)
+    torch.save(content, path)
+    with pytest.raises(StateDictMismatchError) as caught:
+        load_checkpoint(path)
+    assert caught.value.missing == ["seg_out.bias"]
+    assert caught.value.unexpected == ["extra_head.weight"]
+    assert "seg_out.bias" in str(caught.value)
+    assert "extra_head.weight" in str(caught.value)
+
+
+def test_config_mismatch_lists_shapes(tmp_path):
+    model = build_tiny("timm-unet")
+    path = save_checkpoint(tmp_path / "model.pt", model, stage="stage1")
+    content = read_checkpoint(path)
+    content["config"]["head_hidden"] = 12
+    torch.save(content, path)
+    with pytest.raises(StateDictMismatchError) as caught:
+        load_checkpoint(path)
+    mismatched = sorted(key for key, _, _ in caught.value.shape_mismatches)
+    assert mismatched == sorted(
+        ["chd_head.0.weight", "chd_head.0.bias", "chd_head.2.weight",
+         "view_head.0.weight", "view_head.0.bias", "view_head.2.weight"]
+    )
+
+
+def test_teacher_request_without_teacher(tmp_path):
+    path = save_checkpoint(tmp_path / "model.pt", build_tiny("timm-unet"), stage="stage1")
+    with pytest.raises(CheckpointError, match="no teacher"):
+        load_checkpoint(path, use="teacher")
+
+
+def test_foreign_file_rejected(tmp_path):
+    path = tmp_path / "foreign.pth"
+    torch.save({"model": {"w": torch.zeros(1)}}, path)
+    with pytest.raises(CheckpointError, match="not a fetuskit-checkpoint"):
+        load_checkpoint(path)
+
+
+def test_wrong_threshold_count_rejected(tmp_path):
+    with pytest.raises(ValueError, match="7 values"):
+        save_checkpoint(tmp_path / "model.pt", build_tiny("timm-unet"), stage="stage1", thresholds=[0.5] * 4)
+    assert not (tmp_path / "model.pt").exists()
