@@ -1,0 +1,5 @@
+"""Run the scorer: ``python -m evaluation --help``."""
+
+from evaluation.cli import main
+
+main()
