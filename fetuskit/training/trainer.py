@@ -93,14 +93,15 @@ class Trainer:
         self.precision = resolve_precision(config.run.precision, self.device)
 
         self.model = model
+        self.student = model
+        if self.context.distributed:
+            # The wrapper copies rank 0's weights to every process, so the teacher is made after.
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.student = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         self.teacher = MeanTeacher(model, config.teacher.decay, config.teacher.warmup)
         self.optimizer = build_optimizer(task.trainable_parameters(model), config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.schedule)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_grad_scaler)
-        self.student = model
-        if self.context.distributed:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.student = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
         self.iteration = 0
         self.best_score = -math.inf
@@ -174,11 +175,20 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        self._sync_buffers()
         stats["teacher_decay"] = self.teacher.update(self.student)
         self.iteration += 1
         terms = dict(result.terms)
         terms["total"] = float(result.total.detach())
         return terms, stats
+
+    def _sync_buffers(self) -> None:
+        # DDP averages gradients but each process updates BatchNorm statistics on its own
+        # shard; rank 0's statistics are copied to all so student and teacher stay identical.
+        if not self.context.distributed:
+            return
+        for buffer in unwrap(self.student).buffers():
+            torch.distributed.broadcast(buffer, src=0)
 
     def run(self, stop_after: int | None = None) -> dict[str, Any]:
         """Train until ``schedule.iterations`` (or ``stop_after``, for tests); return a summary.
