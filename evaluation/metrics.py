@@ -170,7 +170,7 @@ def _union_box(first: tuple[slice, slice] | None, second: tuple[slice, slice] | 
 def segmentation_scores(pred: np.ndarray, gt: np.ndarray) -> SegmentationScores:
     """Score one image; equal to ``segmentation_scores_reference`` but fast.
 
-    Areas and overlaps of all classes come from one ``bincount`` each and the bounding
+    Areas and overlaps of all classes come from one joint ``bincount`` and the bounding
     boxes from one ``find_objects`` per map. Surfaces and tolerance checks run only
     inside the box around both masks of a class, so the cost follows the size of the
     structures. The box needs no margin: outside it both masks are background, which is
@@ -187,11 +187,17 @@ def segmentation_scores(pred: np.ndarray, gt: np.ndarray) -> SegmentationScores:
     _check_mask_pair(pred, gt)
     pred_flat = pred.ravel()
     gt_flat = gt.ravel()
-    if pred_flat.size and (min(pred_flat.min(), gt_flat.min()) < 0 or max(pred_flat.max(), gt_flat.max()) >= NUM_CLASSES):
-        raise ValueError(f"label maps must hold class ids 0..{NUM_CLASSES - 1}")
-    pred_area = np.bincount(pred_flat, minlength=NUM_CLASSES)
-    gt_area = np.bincount(gt_flat, minlength=NUM_CLASSES)
-    overlap = np.bincount(pred_flat[pred_flat == gt_flat], minlength=NUM_CLASSES)
+    for name, values in (("prediction", pred_flat), ("ground truth", gt_flat)):
+        if values.size and (values.min() < 0 or values.max() >= NUM_CLASSES):
+            raise ValueError(
+                f"{name} label map has values {values.min()}..{values.max()}, expected class ids 0..{NUM_CLASSES - 1}"
+            )
+    # One joint histogram of (prediction, ground truth) pairs gives every area and overlap.
+    pairs = pred_flat.astype(np.uint16) * NUM_CLASSES + gt_flat
+    joint = np.bincount(pairs, minlength=NUM_CLASSES * NUM_CLASSES).reshape(NUM_CLASSES, NUM_CLASSES)
+    pred_area = joint.sum(axis=1)
+    gt_area = joint.sum(axis=0)
+    overlap = np.diagonal(joint)
     pred_boxes = ndimage.find_objects(pred, max_label=NUM_CLASSES - 1)
     gt_boxes = ndimage.find_objects(gt, max_label=NUM_CLASSES - 1)
 

@@ -18,7 +18,7 @@ from evaluation.metrics import (
     segmentation_scores,
     time_score,
 )
-from fetuskit.labels import NUM_CHD, NUM_CLASSES
+from fetuskit.labels import NUM_CHD, NUM_CLASSES, NUM_VIEWS
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,6 +97,9 @@ def evaluate_cases(records: Iterable[CaseRecord], ms_per_image: float | None = N
             the score without the time term.
 
     Empty input gives 0 for every mean and F1.
+
+    Raises:
+        ValueError: a record's view is not 0..3, or its masks or labels are invalid.
     """
     foreground = slice(1, NUM_CLASSES)
     dice_sum = np.zeros(NUM_CLASSES)
@@ -108,6 +111,11 @@ def evaluate_cases(records: Iterable[CaseRecord], ms_per_image: float | None = N
     rows: list[CaseRow] = []
 
     for record in records:
+        if not isinstance(record.view, (int, np.integer)) or not 0 <= record.view < NUM_VIEWS:
+            raise ValueError(
+                f"case {record.name}: view {record.view!r} is not a 0-based view index 0..{NUM_VIEWS - 1}; "
+                "cases without a known view cannot be scored"
+            )
         scores = segmentation_scores(np.asarray(record.pred_mask), np.asarray(record.gt_mask))
         counted = scores.counted
         dice_sum[counted] += scores.dice[counted]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,3 +146,17 @@ def test_cli_requires_a_source(dataset):
     result = run("--pred-dir", dataset / "pred", "--out", dataset / "out")
     assert result.exit_code == 1
     assert "pass a JSON case list" in result.output
+
+
+def test_module_entry_point(dataset):
+    repository = Path(__file__).resolve().parents[1]
+    completed = subprocess.run(
+        [sys.executable, "-m", "evaluation", *map(str, folder_args(dataset))],
+        cwd=repository,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    summary = json.loads((dataset / "out" / "summary.json").read_text())
+    assert summary["mean_dice"] == pytest.approx(70.0, abs=1e-6)

@@ -122,6 +122,8 @@ def test_nan_pixels_replaced_and_logged(tmp_path, write_h5, caplog):
         ("LVOT", 1),
         (np.array([b"RVOT"]), 2),
         ("3vt", 3),
+        ("2", 1),
+        (np.array([b"LVOT"], dtype=object), 1),
     ],
 )
 def test_view_forms(tmp_path, write_h5, stored, expected):

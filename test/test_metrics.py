@@ -273,3 +273,10 @@ def test_evaluate_cases_empty_input():
     assert summary.score == 0.0
     assert summary.time_score is None
     assert summary.dice_per_class == [None] * 14
+
+
+@pytest.mark.parametrize("view", [None, 4, -1])
+def test_evaluate_cases_rejects_unknown_view(view):
+    mask = np.zeros((4, 4), np.uint8)
+    with pytest.raises(ValueError, match="case x.h5: view"):
+        evaluate_cases([record("x.h5", mask, mask, view=view)])
