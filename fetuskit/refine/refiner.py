@@ -173,7 +173,9 @@ class Refiner:
         mask_logits = None
         if self.config.use_mask_prompt:
             class_maps = np.stack([priority[p.class_id] for p in prompts]).astype(np.float32)
-            mask_logits = self._mask_prompt(class_maps, frame).to(device)
+            mask_logits = mask_prompt_logits(
+                class_maps, frame, self.segmenter.mask_input_size, self.config.mask_logit_limit
+            ).to(device)
 
         low_res, predicted_iou = self.segmenter.decode(embedding, boxes, points, mask_logits)
         masks = (frame.logits_to_image(low_res.float())[:, 0] > 0).cpu().numpy()
@@ -181,7 +183,7 @@ class Refiner:
 
         decoded = _Decoded(masks=masks, predicted_iou=predicted_iou)
         for index, prompt in enumerate(prompts):
-            masks[index] &= _box_mask(prompt.box, masks.shape[1:])
+            masks[index] &= box_mask(prompt.box, masks.shape[1:])
             dice = _dice(masks[index], prompt.component)
             accepted = (
                 bool(masks[index].any())
@@ -199,12 +201,25 @@ class Refiner:
             )
         return decoded
 
-    def _mask_prompt(self, class_maps: np.ndarray, frame: InputFrame) -> torch.Tensor:
-        # (N, H, W) probabilities -> input frame (padding is background) -> (N, 1, 4h, 4w) logits.
-        maps = frame.maps_to_input(torch.from_numpy(class_maps)[:, None], pad_value=0.0)
-        height, width = self.segmenter.mask_input_size
-        maps = resize_probabilities(maps, height, width)
-        return probability_to_logits(maps, self.config.mask_logit_limit)
+def mask_prompt_logits(
+    class_maps: np.ndarray, frame: InputFrame, mask_input_size: tuple[int, int], limit: float
+) -> torch.Tensor:
+    """Turn (N, H, W) class probabilities into (N, 1, h, w) mask-prompt logits.
+
+    The maps go into the network-input frame (padding counts as probability 0), are resized
+    bilinearly to the decoder's mask size and mapped by ``probability_to_logits``.
+    """
+    maps = frame.maps_to_input(torch.from_numpy(np.ascontiguousarray(class_maps, np.float32))[:, None])
+    maps = resize_probabilities(maps, *mask_input_size)
+    return probability_to_logits(maps, limit)
+
+
+def box_mask(box: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Return a (H, W) bool mask that is True inside the inclusive (x1, y1, x2, y2) box."""
+    x1, y1, x2, y2 = (int(v) for v in box)
+    inside = np.zeros(shape, dtype=bool)
+    inside[y1 : y2 + 1, x1 : x2 + 1] = True
+    return inside
 
 
 def compose_label_map(
@@ -228,13 +243,6 @@ def compose_label_map(
 
 def _one_hot(coarse: np.ndarray) -> np.ndarray:
     return (np.arange(NUM_CLASSES)[:, None, None] == coarse[None]).astype(np.float32)
-
-
-def _box_mask(box: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    x1, y1, x2, y2 = (int(v) for v in box)
-    inside = np.zeros(shape, dtype=bool)
-    inside[y1 : y2 + 1, x1 : x2 + 1] = True
-    return inside
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -170,11 +170,21 @@ def save_weights(
     return path
 
 
-def load_segmenter(kind: str, path: str | Path | None = None, device: str = "cpu") -> PromptableSegmenter:
-    """Build the backend ``kind`` and load its weights strictly; returns the model in eval mode.
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """Weights read for one backend: the file, its architecture config and its state_dict."""
 
-    ``path`` None means the backend's packaged weights (LiteMedSAM only). A slim file's own
-    ``kind`` must equal ``kind``, and its ``model_config`` picks the architecture.
+    path: Path
+    model_config: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    source: str
+
+
+def resolve_weights(kind: str, path: str | Path | None = None) -> ResolvedWeights:
+    """Read the weights for backend ``kind``; ``path`` None means its packaged weights.
+
+    A slim file's own ``kind`` must equal ``kind``, and its ``model_config`` picks the
+    architecture; other files get the published architecture of ``kind``.
     """
     backend = get_backend(kind)
     if path is None:
@@ -185,9 +195,18 @@ def load_segmenter(kind: str, path: str | Path | None = None, device: str = "cpu
     if weights["kind"] is not None and weights["kind"] != kind:
         raise WeightsError(f"{path} holds {weights['kind']!r} weights, but backend {kind!r} was requested")
     model_config = weights["model_config"] if weights["model_config"] is not None else default_model_config(kind)
-    model = backend.build(model_config)
-    load_state_dict_strict(model, weights["state_dict"], weights["source"])
-    logger.info("loaded %s refiner weights from %s (%d entries)", kind, path, len(weights["state_dict"]))
+    return ResolvedWeights(Path(path), model_config, weights["state_dict"], weights["source"])
+
+
+def load_segmenter(kind: str, path: str | Path | None = None, device: str = "cpu") -> PromptableSegmenter:
+    """Build the backend ``kind`` and load its weights strictly; returns the model in eval mode.
+
+    ``path`` None means the backend's packaged weights (LiteMedSAM only).
+    """
+    weights = resolve_weights(kind, path)
+    model = get_backend(kind).build(weights.model_config)
+    load_state_dict_strict(model, weights.state_dict, weights.source)
+    logger.info("loaded %s refiner weights from %s (%d entries)", kind, weights.path, len(weights.state_dict))
     return model.to(device).eval()
 
 
