@@ -17,6 +17,7 @@ from fetuskit.models.checkpoint import load_checkpoint, read_checkpoint
 from fetuskit.training.config import TrainConfig, load_config
 from fetuskit.training.data import CaseTensors
 from fetuskit.training.distributed import DistContext, init_distributed, shutdown
+from fetuskit.training.ema import MeanTeacher
 from fetuskit.training.tasks import SegmentationTask
 from fetuskit.training.trainer import Trainer
 
@@ -229,3 +230,37 @@ def test_stage1_command_writes_run(tmp_path: Path, write_h5) -> None:
     resumed = CliRunner().invoke(app, [*arguments, "--set", "schedule.iterations=4", "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert read_checkpoint(run_dir / "latest.pt")["extra"]["training_state"]["iteration"] == 4
+
+
+def _feature_check_step(margin: float, keep_missing: bool) -> dict[str, float]:
+    from fetuskit.training.tasks import FeatureCheck
+
+    config = _tiny_config(
+        2,
+        [
+            "features.extractor=timm",
+            "features.options={architecture: tf_efficientnet_lite0, weights: null, side: 64, stride: 16}",
+            f"features.keep_options={{margin: {margin}, keep_missing: {str(keep_missing).lower()}}}",
+            "loss.confidence_threshold=0.0",
+        ],
+    )
+    task = SegmentationTask(
+        config,
+        _synthetic_cases(6, labelled=True, seed=1),
+        _synthetic_cases(8, labelled=False, seed=2),
+        feature_check=FeatureCheck(config),
+    )
+    model = _tiny_model(0)
+    result = task.step(model, MeanTeacher(model, decay=0.9), torch.device("cpu"))
+    return {**result.terms, **result.stats}
+
+
+def test_feature_check_drops_pseudo_labels() -> None:
+    # Cosine similarities lie in [-1, 1]: a margin of -2 rejects every pixel, +2 none.
+    strict = _feature_check_step(margin=-2.0, keep_missing=False)
+    assert strict["confident_share"] == 1.0
+    assert strict["feature_dropped_share"] == 1.0
+    assert strict["pseudo_label"] == 0.0
+    lenient = _feature_check_step(margin=2.0, keep_missing=True)
+    assert lenient["feature_dropped_share"] == 0.0
+    assert lenient["pseudo_label"] > 0.0

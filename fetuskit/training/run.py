@@ -122,7 +122,7 @@ def _build_task(config: TrainConfig, labelled: CaseTensors, unlabelled: CaseTens
     else:
         pos_weight = chd_pos_weight_from_labels(labelled.chd, labelled.views, config.loss.chd_pos_weight_max)
     logger.info("CHD positive weights: %s", [round(float(w), 2) for w in pos_weight])
-    feature_check = FeatureCheck(config, context.device) if config.features.extractor else None
+    feature_check = FeatureCheck(config) if config.features.extractor else None
     return TASKS[config.stage](
         config,
         labelled,

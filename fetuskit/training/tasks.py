@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fetuskit.labels import NUM_CLASSES
 from fetuskit.training import augment, losses
 from fetuskit.training.config import TrainConfig
 from fetuskit.training.data import CaseTensors, ShardedSampler, same_view_partners
@@ -51,34 +52,39 @@ class Task(Protocol):
 
 
 class FeatureCheck:
-    """Prototype check on frozen features: drops pseudo-labels far from their class prototype.
+    """Prototype check on frozen features: drops pseudo-labels closer to another class's prototype.
 
-    Class prototypes come from labelled images and their masks, and are kept in an EMA bank.
+    Class prototypes come from the labelled images of each step (weak view, ground-truth masks)
+    and are kept across steps in an EMA bank (``fetuskit.features.prototypes.PrototypeEMA``).
     """
 
-    def __init__(self, config: TrainConfig, device: torch.device) -> None:
-        from fetuskit import features
+    def __init__(self, config: TrainConfig) -> None:
+        from fetuskit.features import build_feature_extractor
+        from fetuskit.features.prototypes import PrototypeEMA
 
         options = config.features
-        self.extractor = features.build_feature_extractor(options.extractor, **options.options)
+        self.extractor = build_feature_extractor(options.extractor, **options.options)
         self.keep_options = dict(options.keep_options)
-        self.bank = features.PrototypeBank(momentum=options.prototype_momentum)
-        self.device = device
+        self.bank = PrototypeEMA(NUM_CLASSES, self.extractor.dim, momentum=options.prototype_momentum)
 
     @torch.no_grad()
     def update(self, images: torch.Tensor, masks: torch.Tensor) -> None:
-        from fetuskit import features
+        """Blend the prototypes of (N, 1, S, S) labelled images and (N, S, S) masks into the bank."""
+        from fetuskit.features.prototypes import class_prototypes
 
-        extracted = self.extractor.extract(images)
-        self.bank.update(features.class_prototypes(extracted, masks))
+        prototypes, present = class_prototypes(self.extractor.extract(images), masks, None, NUM_CLASSES)
+        self.bank.update(prototypes, present)
 
     @torch.no_grad()
-    def keep(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Return (N, H, W) bool: pixels whose pseudo-label agrees with the prototype check."""
-        from fetuskit import features
+    def keep(self, images: torch.Tensor, labels: torch.Tensor, confident: torch.Tensor) -> torch.Tensor:
+        """Return (N, S, S) bool: confident pixels whose pseudo-label passes the prototype check."""
+        from fetuskit.features.prototypes import prototype_keep_mask
 
-        extracted = self.extractor.extract(images)
-        return features.prototype_keep_mask(extracted, labels, self.bank.prototypes, **self.keep_options)
+        check = prototype_keep_mask(
+            self.extractor.extract(images), labels, confident, self.bank.prototypes, self.bank.present,
+            **self.keep_options,
+        )
+        return check.keep.to(confident.device)
 
     def state_dict(self) -> dict[str, Any]:
         return {"bank": self.bank.state_dict()}
@@ -232,7 +238,7 @@ class SegmentationTask:
         confident = confidence >= self.config.loss.confidence_threshold
         keep = confident
         if self.feature_check is not None:
-            keep = confident & self.feature_check.keep(weak, labels).to(device)
+            keep = self.feature_check.keep(weak, labels, confident)
 
         boxes = batch["boxes"].to(device)
         mixed_labels = augment.apply_cutmix(labels[:count], labels[count:], boxes)
