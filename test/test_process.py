@@ -446,3 +446,44 @@ def test_refiner_settings_checked(forms_dir, weights_dir, tmp_path, caplog):
     settings = json.loads((tmp_path / "plain" / "run_settings.json").read_text())
     assert settings["refiner_active"] is False
     assert settings["manifest"]["refiner"] == {"backend": "no-such-backend"}
+
+
+def test_failed_batch_retried_singly(forms_dir, weights_dir, tmp_path, monkeypatch):
+    import fetuskit.inference as inference
+
+    real_predict = inference.predict_batch
+    batch_sizes = []
+
+    def fail_on_batches(models, images, views, weights=None):
+        batch_sizes.append(images.shape[0])
+        if images.shape[0] > 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_predict(models, images, views, weights)
+
+    monkeypatch.setattr(inference, "predict_batch", fail_on_batches)
+    out_dir = tmp_path / "out"
+
+    assert run(["--input", str(forms_dir), "--out-dir", str(out_dir), "--weights", str(weights_dir)]) == 0
+
+    assert batch_sizes == [3, 1, 1, 1, 3, 1, 1, 1]
+    assert read_report(out_dir)["predicted"] == 6
+
+
+def test_failed_prediction_gets_fallback(forms_dir, weights_dir, tmp_path, monkeypatch):
+    import fetuskit.inference as inference
+
+    def always_fail(models, images, views, weights=None):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(inference, "predict_batch", always_fail)
+    out_dir = tmp_path / "out"
+
+    assert run(["--input", str(forms_dir), "--out-dir", str(out_dir), "--weights", str(weights_dir)]) == 0
+
+    report = read_report(out_dir)
+    assert report["predicted"] == 0
+    assert len(report["fallbacks"]) == 6
+    assert all(entry["reason"] == "prediction failed: RuntimeError: simulated failure" for entry in report["fallbacks"])
+    wide_mask, _ = read_prediction(out_dir / "wide.h5")
+    assert wide_mask.shape == (480, 640)
+    assert not wide_mask.any()
