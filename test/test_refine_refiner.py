@@ -67,7 +67,7 @@ def test_all_classes_go_through_one_decoder_call():
     assert painter.calls[0]["boxes"].shape == (3, 4)
 
 
-def test_boxes_are_scaled_per_axis_on_non_square_input():
+def test_box_scaling_non_square_input():
     refiner, painter = _refiner(margin=0)
     image, coarse = _scene()
     refiner.refine(image, coarse)
@@ -245,3 +245,25 @@ def test_compose_keeps_unrefined_classes_and_clears_dropped_pixels():
     accepted = {1: np.array([[True, False, False, False]])}
     assert compose_label_map(coarse, accepted, priority).tolist() == [[1, 0, 3, 3]]
     assert compose_label_map(coarse, {}, priority).tolist() == coarse.tolist()
+
+
+def test_probabilities_decide_overlaps():
+    # Two touching rectangles; the painter grows both masks into each other's coarse area.
+    refiner, _ = _refiner(grow=3.0, margin=4, min_dice=0.0)
+    image = np.zeros((40, 60), np.float32)
+    coarse = np.zeros((40, 60), np.uint8)
+    coarse[10:31, 10:30] = 1
+    coarse[10:31, 30:50] = 2
+    probabilities = np.zeros((15, 40, 60), np.float32)
+
+    probabilities[1] = 0.9
+    probabilities[2] = 0.1
+    refined, _ = refiner.refine(image, coarse, probabilities)
+    assert refined[20, 31] == 1
+    assert refined[20, 45] == 2
+
+    probabilities[1] = 0.1
+    probabilities[2] = 0.9
+    refined, _ = refiner.refine(image, coarse, probabilities)
+    assert refined[20, 28] == 2
+    assert refined[20, 15] == 1

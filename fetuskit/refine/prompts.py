@@ -109,8 +109,8 @@ def class_prompts(
 def probability_to_logits(probability: torch.Tensor, limit: float) -> torch.Tensor:
     """Map class probabilities in [0, 1] to mask-prompt logits log(p / (1 - p)), clipped to ±limit.
 
-    SAM takes its own low-resolution logits as mask prompt, so a probability becomes the logit
-    that the sigmoid would turn back into it: 0.5 maps to 0, and the clip keeps saturated
+    SAM takes its own low-resolution logits as mask prompt, so each probability becomes the
+    logit that the sigmoid turns back into it, and 0.5 maps to 0. The clip keeps saturated
     probabilities (0 or 1, as a one-hot coarse mask gives) at a finite ±limit.
     """
     epsilon = 1.0 / (1.0 + np.exp(limit))

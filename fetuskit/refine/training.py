@@ -1,8 +1,8 @@
 """Fine-tuning of a refiner on labelled FETUS cases, with prompts from perturbed ground truth.
 
-The image encoder is frozen, so each image is encoded once and its embedding cached; only the
-mask decoder learns (and, for SAM-Med2D with ``train_adapters``, the encoder adapters, which
-turns the cache off). Each step takes one image, perturbs the ground-truth mask of up to
+The image encoder is frozen, so each image is encoded once and its embedding cached. Only the
+mask decoder learns, unless SAM-Med2D's ``train_adapters`` also trains the encoder adapters,
+which turns the cache off. Each step takes one image, perturbs the ground-truth mask of up to
 ``prompts_per_image`` classes the way a backbone errs (erosion or dilation, elastic warp, blob
 noise, box jitter), and decodes all their prompts as one batch. The loss is binary cross
 entropy plus Dice against the ground truth inside the prompt box, plus the squared error of
@@ -223,7 +223,8 @@ def train_refiner(source: str | Path, out_dir: str | Path, config: RefinerTraini
     losses: list[float] = []
     with (out_dir / METRICS_FILE).open("w") as metrics:
         for epoch in range(1, config.epochs + 1):
-            # Dropout-free modules, so eval mode trains the same and keeps BatchNorm frozen.
+            # The decoder has no dropout, so eval mode trains it as train mode would, and it
+            # keeps the BatchNorm statistics of the frozen TinyViT encoder fixed.
             epoch_losses = []
             for index in rng.permutation(len(items)):
                 loss = _step_loss(model, items[int(index)], rng, config)

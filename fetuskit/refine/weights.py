@@ -129,7 +129,7 @@ def read_weights(path: str | Path) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise WeightsError(
-            f"{path} holds more than tensors (for example optimizer state or custom objects), so "
+            f"{path} contains more than tensors (for example optimizer state or custom objects), so "
             "it cannot be loaded with weights_only=True. Convert it once with "
             f"`python -m train convert-weights {path} OUT.pt --kind KIND` and use OUT.pt."
         ) from error
@@ -193,7 +193,7 @@ def resolve_weights(kind: str, path: str | Path | None = None) -> ResolvedWeight
             raise WeightsError(f"backend {kind!r} has no packaged weights: pass a weights file")
     weights = read_weights(path)
     if weights["kind"] is not None and weights["kind"] != kind:
-        raise WeightsError(f"{path} holds {weights['kind']!r} weights, but backend {kind!r} was requested")
+        raise WeightsError(f"{path} contains {weights['kind']!r} weights, but backend {kind!r} was requested")
     model_config = weights["model_config"] if weights["model_config"] is not None else default_model_config(kind)
     return ResolvedWeights(Path(path), model_config, weights["state_dict"], weights["source"])
 
@@ -218,8 +218,8 @@ def convert_weights(
     The source is unpickled in full (``weights_only=False``) because published files such as
     ``sam-med2d_b.pth`` may hold optimizer state and other objects, so only convert files from
     a trusted origin. The model entries (``ckpt["model"]`` when present, else the whole dict)
-    must load strictly into the backend built with ``model_config`` (default: the published
-    architecture); everything else in the file is dropped.
+    must load strictly into the backend built with ``model_config``, which defaults to the
+    published architecture. Everything else in the file is dropped.
     """
     source = Path(source)
     if not source.is_file():
@@ -227,7 +227,7 @@ def convert_weights(
     checkpoint = torch.load(source, map_location="cpu", weights_only=False)
     state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state_dict, dict):
-        raise WeightsError(f"{source} holds a {type(checkpoint).__name__}, expected a dict with a state_dict")
+        raise WeightsError(f"{source} contains a {type(checkpoint).__name__}, expected a dict with a state_dict")
     dropped = sorted(key for key in checkpoint if key != "model") if "model" in checkpoint else []
 
     model_config = dict(model_config) if model_config is not None else default_model_config(kind)
