@@ -4,8 +4,8 @@ All functions take (N, 1, H, W) float32 images in [0, 1] and, where given, (N, H
 label maps in the same pixel grid. Every random number is drawn from the generator passed in,
 in a fixed order, so saving and restoring the generator state reproduces a run exactly.
 
-The weak view moves image and mask with one affine warp (bilinear for the image, nearest for
-the mask; pixels from outside the frame become 0 and background) and changes gamma. The strong
+The weak view moves image and mask with one affine warp, bilinear for the image and nearest
+for the mask. Pixels from outside the frame become 0 and background. It then changes gamma. The strong
 view adds brightness, contrast and blur to the image only, and CutMix pastes a box from a
 partner image of the same view.
 """

@@ -52,8 +52,8 @@ def load_training_state(
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the checkpoint holds no teacher or no training state (it was not written
-            by the trainer, or by an inference-only export).
+        ValueError: the checkpoint contains no teacher or no training state, because another
+            tool or an inference-only export wrote it.
     """
     from fetuskit.models.checkpoint import read_checkpoint
 
@@ -64,7 +64,7 @@ def load_training_state(
     extra = payload.get("extra") or {}
     if payload.get("teacher") is None or "training_state" not in extra:
         raise ValueError(
-            f"{path} holds no teacher or training state, so training cannot resume from it; "
+            f"{path} contains no teacher or training state, so training cannot resume from it; "
             "resume from the run folder's latest.pt"
         )
     return payload["student"], payload["teacher"], extra["training_state"]

@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Which network to build: ``fetuskit.models.build_model(name, **options)``."""
+    """The network to build, as ``fetuskit.models.build_model(name, **options)``."""
 
     name: str = "timm-unet"
     # Keyword arguments of the builder; their meaning belongs to the model family.

@@ -37,8 +37,8 @@ class CaseTensors:
         views: (N,) int64 0-based view indices.
         masks: (N, S, S) uint8 class maps (nearest-resized), or None for unlabelled cases.
         chd: (N, 7) float32 0/1 CHD labels, or None for unlabelled cases.
-        full_masks: per case the (H, W) uint8 mask at the label file's own size, kept only for
-            validation, where scoring happens at full resolution; else empty.
+        full_masks: per case the (H, W) uint8 mask at the label file's own size. Only
+            validation keeps them, because scoring happens at full resolution. Else empty.
     """
 
     names: list[str]

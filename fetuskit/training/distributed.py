@@ -1,6 +1,6 @@
 """Process-group set-up for torchrun: rank, world size, device and collective helpers.
 
-Under ``torchrun`` the environment holds RANK, WORLD_SIZE and LOCAL_RANK; without them the run
+Under ``torchrun`` the environment contains RANK, WORLD_SIZE and LOCAL_RANK; without them the run
 is a single process. CUDA runs use NCCL with one GPU per local rank, CPU runs use gloo.
 """
 
@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DistContext:
-    """Where this process sits in the job.
+    """The place of this process in the job.
 
     Attributes:
         rank: global rank, 0 on a single process.

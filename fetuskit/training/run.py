@@ -30,7 +30,7 @@ class RunFolderError(ValueError):
 def prepare_run_folder(run_dir: Path, config: TrainConfig, resume: bool) -> None:
     """Create the run folder and save the resolved config in it.
 
-    A fresh run refuses a folder that already holds a checkpoint; a resumed run needs
+    A fresh run rejects a folder that already contains a checkpoint. A resumed run needs
     ``latest.pt`` and a config equal to the saved one except for ``schedule.iterations``.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -50,7 +50,7 @@ def prepare_run_folder(run_dir: Path, config: TrainConfig, resume: bool) -> None
                     "--config and --set values (only schedule.iterations may change)"
                 )
     elif (run_dir / LATEST_CHECKPOINT).is_file():
-        raise RunFolderError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        raise RunFolderError(f"{run_dir} already contains a run; pass --resume to continue it or choose another --out")
     save_config(config, saved_path)
 
 

@@ -38,7 +38,7 @@ class StepResult:
 
 
 class Task(Protocol):
-    """What the trainer asks of a training stage."""
+    """The interface the trainer requires of a training stage."""
 
     name: str
 
@@ -99,7 +99,7 @@ class SegmentationTask:
     Labelled batches get the weak view (shared warp of image and mask, gamma). Unlabelled
     batches, when present, get the weak view for the teacher and the strong view with CutMix
     (partner of the same view) for the student. Both go through the student in ONE forward
-    pass, so DistributedDataParallel sees one forward per backward and BatchNorm sees both.
+    pass, so DistributedDataParallel gets one forward per backward and BatchNorm normalises both.
 
     Args:
         config: the training configuration.
@@ -143,7 +143,7 @@ class SegmentationTask:
         self.feature_check = feature_check
 
     def trainable_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-        """Every parameter that requires gradients (frozen encoders stay frozen)."""
+        """Yield every parameter that requires gradients, so frozen encoders stay frozen."""
         return ((name, param) for name, param in model.named_parameters() if param.requires_grad)
 
     def step(self, student: nn.Module, teacher: MeanTeacher, device: torch.device) -> StepResult:

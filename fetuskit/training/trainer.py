@@ -4,7 +4,7 @@ One optimiser step: the task samples and augments a batch and computes its losse
 trainer back-propagates (with a GradScaler only for fp16), clips gradients, steps AdamW and
 the learning-rate schedule, and moves the EMA teacher. Every ``validation_interval`` steps
 the main process validates the teacher and saves ``best.pt`` on a new best score; every
-``checkpoint_interval`` steps and at the end it saves ``latest.pt``, which holds all that
+``checkpoint_interval`` steps and at the end it saves ``latest.pt``, which contains all that
 a resumed run needs to continue identically.
 
 A teacher is always kept, also without unlabelled data: validation and ``best.pt`` use the
@@ -183,8 +183,8 @@ class Trainer:
         return terms, stats
 
     def _sync_buffers(self) -> None:
-        # DDP averages gradients but each process updates BatchNorm statistics on its own
-        # shard; rank 0's statistics are copied to all so student and teacher stay identical.
+        # DDP averages gradients, but each process updates BatchNorm statistics on its own
+        # shard. Rank 0's statistics are copied to all, so student and teacher stay identical.
         if not self.context.distributed:
             return
         for buffer in unwrap(self.student).buffers():
@@ -254,11 +254,11 @@ class Trainer:
             "eta_seconds": eta,
         }
         progress_module.append_metrics(self.run_dir, record)
-        shown = " ".join(f"{k}={v:.4f}" for k, v in means.items() if k not in ("teacher_decay",))
+        summary = " ".join(f"{k}={v:.4f}" for k, v in means.items() if k != "teacher_decay")
         lr = max(group["lr"] for group in self.optimizer.param_groups)
         reporter.report(
             self.iteration,
-            f"{shown} lr={lr:.3g} {seconds_per_iteration:.3f}s/it eta {progress_module.format_seconds(eta)}",
+            f"{summary} lr={lr:.3g} {seconds_per_iteration:.3f}s/it eta {progress_module.format_seconds(eta)}",
         )
 
     def _validate_and_keep_best(self) -> None:

@@ -1,9 +1,9 @@
 """Validation during training, predicting exactly as ``process.py`` does.
 
-Images are cached with ``image_to_tensor`` at the model's input size; ``predict_batch`` applies
-softmax with hard view masking; probabilities are resized bilinearly to the label's own size
-with ``resize_probabilities`` and the argmax taken there; CHD probabilities are thresholded at
-0.5 within the labels the view allows. The challenge scorer then scores the full-resolution maps.
+Images are cached with ``image_to_tensor`` at the model's input size. ``predict_batch`` applies
+softmax with hard view masking. Probabilities are resized bilinearly to the label's own size
+with ``resize_probabilities`` and the argmax is taken there. CHD probabilities are thresholded
+at 0.5 within the labels the view allows. The challenge scorer then scores the full-resolution maps.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def validate(model: nn.Module, cases: CaseTensors, batch_size: int, device: torc
 
 
 def summary_metrics(summary: Summary) -> dict[str, float]:
-    """The figures of a summary that the run log and checkpoints record, on the 0..100 scale."""
+    """Return the summary figures that the run log and checkpoints record, on the 0..100 scale."""
     return {
         "mean_dice": summary.mean_dice,
         "mean_nsd": summary.mean_nsd,
