@@ -21,9 +21,11 @@ from fetuskit.transforms import resize_probabilities
 
 logger = logging.getLogger(__name__)
 
-# Logit given to classes the view does not allow. It is finite, so softmax gives them exactly
-# 0.0 in float32 and later arithmetic never meets -inf or NaN (the fp16 minimum would overflow).
-MASKED_LOGIT = -1.0e4
+# Logit given to classes the view does not allow, applied in float32. It is finite, so softmax
+# gives them exactly 0.0 and later arithmetic never meets -inf or NaN (the fp16 minimum would
+# overflow), and it is far below any real logit (-1e4 would lose to an fp16 logit of -6e4).
+# Training masks with the same value.
+MASKED_LOGIT = -1.0e9
 
 UNKNOWN_VIEW = -1
 

@@ -75,10 +75,13 @@ def test_masked_class_never_wins_resize():
     assert np.unique(mask).tolist() == [3]
 
 
-def test_masked_logit_is_finite():
+def test_masked_logit_is_finite_in_float32():
     assert np.isfinite(MASKED_LOGIT)
-    assert MASKED_LOGIT > torch.finfo(torch.float16).min
-    assert torch.softmax(torch.tensor([0.0, MASKED_LOGIT]), dim=0)[1] == 0.0
+    # Masking happens in float32, so the value must lose to every fp16 logit yet stay finite.
+    assert MASKED_LOGIT < torch.finfo(torch.float16).min
+    masked = torch.tensor([torch.finfo(torch.float16).min, MASKED_LOGIT], dtype=torch.float32)
+    assert torch.isfinite(masked - masked.max()).all()
+    assert torch.softmax(masked, dim=0)[1] == 0.0
 
 
 def test_ensemble_averages_probabilities():

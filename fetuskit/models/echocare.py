@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import torch
-from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
-from monai.networks.nets.swin_unetr import SwinTransformer, WindowAttention
 from torch import nn
 
 from fetuskit.labels import NUM_CHD, NUM_CLASSES, NUM_VIEWS
@@ -22,6 +22,12 @@ from fetuskit.models.foreign import load_echocare_encoder
 from fetuskit.models.heads import Network, check_heads_output, check_image_batch, mlp_head
 from fetuskit.models.lora import LoRAQKV
 from fetuskit.models.registry import register_model
+
+if TYPE_CHECKING:
+    from monai.networks.nets.swin_unetr import SwinTransformer
+
+# MONAI is imported inside the constructors, not at module level: importing it takes seconds,
+# and the container pays that on every run even when no echocare member is in the ensemble.
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +84,8 @@ class UNETRDecoder(nn.Module):
         super().__init__()
         fs = feature_size
 
+        from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
+
         def skip_block(inputs: int, outputs: int) -> UnetrBasicBlock:
             return UnetrBasicBlock(2, inputs, outputs, kernel_size=3, stride=1, norm_name=_NORM, res_block=True)
 
@@ -122,6 +130,8 @@ class UNETRDecoder(nn.Module):
 
 def add_lora(swin: SwinTransformer, rank: int, alpha: float) -> None:
     """Replace the qkv layer of every WindowAttention in ``swin`` with a :class:`LoRAQKV` wrapper."""
+    from monai.networks.nets.swin_unetr import WindowAttention
+
     for module in swin.modules():
         if isinstance(module, WindowAttention):
             module.qkv = LoRAQKV(module.qkv, rank, alpha)
@@ -146,6 +156,8 @@ class EchoCareNet(Network):
         self.size_multiple = config.patch_size * 2 ** len(config.depths)
 
         self.in_adapter = nn.Conv2d(1, ENCODER_IN_CHANNELS, kernel_size=1, bias=False)
+        from monai.networks.nets.swin_unetr import SwinTransformer
+
         self.swin = SwinTransformer(
             in_chans=ENCODER_IN_CHANNELS,
             embed_dim=config.embed_dim,

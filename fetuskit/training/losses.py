@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from fetuskit.labels import CHD_MASK, CLASS_MASK, NUM_CHD, NUM_CLASSES
+from fetuskit.predict import MASKED_LOGIT
 
-VIEW_MASK_FILL = -1.0e9
-"""Float32 logit given to classes the view does not allow.
+VIEW_MASK_FILL = MASKED_LOGIT
+"""Float32 logit given to classes the view does not allow, the same value inference uses.
 
 It lies far below every finite fp16 value (-65504), so a disallowed class cannot win even
 against allowed logits at the fp16 extreme, and its softmax probability is exactly 0.
