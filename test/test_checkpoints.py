@@ -128,3 +128,50 @@ def test_wrong_threshold_count_rejected(tmp_path):
     with pytest.raises(ValueError, match="7 values"):
         save_checkpoint(tmp_path / "model.pt", build_tiny("timm-unet"), stage="stage1", thresholds=[0.5] * 4)
     assert not (tmp_path / "model.pt").exists()
+
+
+def test_export_keeps_teacher_only(tmp_path):
+    from fetuskit.models.checkpoint import export_checkpoint
+
+    student = build_tiny("timm-unet", seed=0)
+    teacher = build_tiny("timm-unet", seed=1)
+    source = save_checkpoint(
+        tmp_path / "run" / "best.pt", student, stage="stage1", teacher_state=teacher.state_dict(),
+        thresholds=THRESHOLDS, metrics={"score": 70.0}, extra={"training_state": {"iteration": 9}},
+    )
+    exported = export_checkpoint(source, tmp_path / "slim.pt")
+    content = read_checkpoint(exported)
+    assert content["teacher"] is None
+    assert content["extra"] == {"exported_from": "best.pt", "exported_weights": "teacher"}
+    assert content["thresholds"] == THRESHOLDS
+    assert content["metrics"] == {"score": 70.0}
+    loaded, _ = load_checkpoint(exported)
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).seg, teacher(x).seg, rtol=0, atol=0)
+    assert exported.stat().st_size < source.stat().st_size
+
+
+def test_export_command_writes_manifest(tmp_path):
+    from typer.testing import CliRunner
+
+    from fetuskit.weights_manifest import load_manifest, verify_checksums, write_manifest
+    from train.cli import _register_commands, app
+
+    _register_commands()
+    runs = []
+    for seed in (0, 1):
+        model = build_tiny("timm-unet", seed=seed)
+        runs.append(save_checkpoint(tmp_path / f"run{seed}" / "best.pt", model, stage="stage1"))
+    out = tmp_path / "weights"
+    out.mkdir()
+    # An earlier manifest's thresholds survive a re-export.
+    save_checkpoint(out / "old.pt", build_tiny("timm-unet"), stage="stage1")
+    write_manifest(out, ["old.pt"], chd_thresholds=THRESHOLDS)
+
+    result = CliRunner().invoke(app, ["export", str(runs[0]), str(runs[1]), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = load_manifest(out)
+    verify_checksums(manifest)
+    assert [m.checkpoint for m in manifest.members] == ["run0.pt", "run1.pt"]
+    assert list(manifest.chd_thresholds) == THRESHOLDS

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import typer
 
 from fetuskit.models import build_model, count_parameters, registered_models, tiny_config
+from fetuskit.models.checkpoint import export_checkpoint
+from fetuskit.weights_manifest import MANIFEST_NAME, load_manifest, write_manifest
 from train.cli import app
 
 
@@ -20,3 +25,42 @@ def list_models(
         config = tiny_config(model_name) if tiny else {}
         total, trainable = count_parameters(build_model(model_name, **config))
         typer.echo(f"{model_name:<16} {total:>14,} {trainable:>14,}")
+
+
+@app.command("export")
+def export_weights(
+    checkpoints: list[Path] = typer.Argument(..., help="Training checkpoints, one per ensemble member, e.g. RUN/best.pt."),
+    out: Path = typer.Option(..., "--out", help="Weights folder to write the slim checkpoints and manifest.json into."),
+    name: list[str] = typer.Option(
+        None, "--name", help="File name of each exported member, in CHECKPOINTS order. Default: <run folder>.pt."
+    ),
+    use: str = typer.Option("auto", "--use", help="Weights to export: teacher, student, or auto (teacher if stored)."),
+    provenance: Path = typer.Option(
+        None, "--provenance", help="JSON object with source, licence, training command and metrics, copied into the manifest."
+    ),
+) -> None:
+    """Export training checkpoints as the ensemble of a weights folder, with checksums.
+
+    CHD thresholds and refiner settings of an existing manifest in --out are kept.
+    """
+    if name and len(name) != len(checkpoints):
+        raise typer.BadParameter(f"got {len(name)} --name values for {len(checkpoints)} checkpoints; give one per checkpoint")
+    names = list(name) if name else [f"{path.resolve().parent.name}.pt" for path in checkpoints]
+    if len(set(names)) != len(names):
+        raise typer.BadParameter(f"member file names repeat: {names}; pass --name for each checkpoint")
+
+    thresholds, refiner = None, None
+    if (out / MANIFEST_NAME).is_file():
+        previous = load_manifest(out)
+        thresholds, refiner = list(previous.chd_thresholds), previous.refiner
+    provenance_fields = json.loads(provenance.read_text(encoding="utf-8")) if provenance else {}
+    if not isinstance(provenance_fields, dict):
+        raise typer.BadParameter(f"{provenance} must contain a JSON object, got {type(provenance_fields).__name__}")
+
+    for source, file_name in zip(checkpoints, names, strict=True):
+        export_checkpoint(source, out / file_name, use=use)
+    manifest = write_manifest(out, names, chd_thresholds=thresholds, refiner=refiner, provenance=provenance_fields)
+    for member in manifest.members:
+        size_mb = manifest.checkpoint_path(member).stat().st_size / 1e6
+        typer.echo(f"{member.checkpoint}: {size_mb:.1f} MB, sha256 {member.sha256}")
+    typer.echo(f"wrote {out / MANIFEST_NAME}")

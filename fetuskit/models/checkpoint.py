@@ -153,3 +153,23 @@ def load_checkpoint(
     info["weights"] = weights
     logger.info("Loaded %s weights of %s (stage %s) from %s", weights, content["arch"], content["stage"], path)
     return model, info
+
+
+def export_checkpoint(source: str | Path, destination: str | Path, use: WeightsChoice = "auto") -> Path:
+    """Write a slim copy of a training checkpoint that holds one set of weights for inference.
+
+    The chosen weights (``use``, as in :func:`load_checkpoint`) become the copy's student; the
+    teacher and the training state in ``extra`` are dropped, which roughly halves the file. The
+    stage, thresholds and metrics are kept, and ``extra`` records the source file name and which
+    weights were taken.
+    """
+    model, info = load_checkpoint(source, use=use)
+    extra = {"exported_from": Path(source).name, "exported_weights": info["weights"]}
+    return save_checkpoint(
+        destination,
+        model,
+        stage=info["stage"],
+        thresholds=info["thresholds"],
+        metrics=info["metrics"],
+        extra=extra,
+    )
