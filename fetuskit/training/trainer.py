@@ -294,4 +294,7 @@ class Trainer:
         self.best_iteration = int(values[1])
 
 
-_STAT_KEYS = frozenset({"confident_share", "feature_dropped_share", "grad_norm", "teacher_decay"})
+_STAT_KEYS = frozenset({
+    "confident_share", "feature_dropped_share", "grad_norm", "teacher_decay",
+    "positive_share", "chd_pseudo_kept_share", "chd_pseudo_positive_share",
+})
