@@ -16,6 +16,11 @@ from fetuskit.labels import NUM_CHD, NUM_CLASSES, NUM_VIEWS, VIEW_NAMES, view_in
 # ITU-R BT.601 luma weights for R, G, B.
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 
+# A float image whose largest finite value exceeds this is on the 0..255 scale. It is 2.0,
+# not 1.0, so that a [0, 1] image with interpolation overshoot (1.02) keeps its scale. On the
+# 0..255 scale a maximum of 2.0 or less is a blank frame, which either reading leaves blank.
+UNIT_SCALE_MAX = 2.0
+
 # A 3-D image whose last axis has one of these sizes is read as (H, W, C).
 CHANNELS_LAST_SIZES = (1, 3, 4)
 
@@ -51,10 +56,10 @@ def scale_to_unit(pixels: np.ndarray) -> tuple[np.ndarray | None, int, int, str 
     as uint8 x, uint16 x * 257, float x / 255 or float x gives identical values.
 
     uint8 is divided by 255 and uint16 by 65535. A float array whose largest finite value
-    exceeds 1.0 is taken to be on the 0..255 scale and divided by 255, otherwise it is
-    taken as already in [0, 1]. So a float image on the 0..255 scale whose values are all
-    0 or 1 is read as [0, 1] data. Non-finite values (NaN, +-inf) become 0. Values left
-    outside [0, 1] are clipped.
+    exceeds ``UNIT_SCALE_MAX`` (2.0) is taken to be on the 0..255 scale and divided by 255,
+    otherwise it is taken as already in [0, 1]. So a float image on the 0..255 scale whose
+    values are all 2 or less is read as [0, 1] data. Non-finite values (NaN, +-inf) become
+    0. Values left outside [0, 1] are clipped.
 
     Returns:
         (scaled or None, count of non-finite values replaced, count of values clipped,
@@ -75,7 +80,7 @@ def scale_to_unit(pixels: np.ndarray) -> tuple[np.ndarray | None, int, int, str 
     non_finite = int(values.size - np.count_nonzero(finite))
     if non_finite:
         values = np.where(finite, values, 0.0)
-    if values.max() > 1.0:
+    if values.max() > UNIT_SCALE_MAX:
         values = values / 255.0
     outside = int(np.count_nonzero((values < 0.0) | (values > 1.0)))
     if outside:

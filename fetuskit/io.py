@@ -50,11 +50,21 @@ class CaseImage:
 
 @contextmanager
 def _open_h5(path: Path) -> Iterator[h5py.File]:
-    if not path.exists():
+    try:
+        exists = path.exists()
+        is_dir = exists and path.is_dir()
+        size = path.stat().st_size if exists else 0
+    # pathlib reports a missing file as False but raises for other failures, such as a
+    # name longer than the file system allows.
+    except OSError as error:
+        raise FetusFileError(
+            f"{path}: cannot access the file ({error.strerror or error}); check the path and the case list"
+        ) from error
+    if not exists:
         raise FetusFileError(f"{path}: file not found; check the path and the case list")
-    if path.is_dir():
+    if is_dir:
         raise FetusFileError(f"{path}: is a folder, expected an HDF5 file; check the path")
-    if path.stat().st_size == 0:
+    if size == 0:
         raise FetusFileError(f"{path}: file is empty (0 bytes); {_REGENERATE}")
     try:
         handle = h5py.File(path, "r")
@@ -76,9 +86,11 @@ def _read_dataset(handle: h5py.File, key: str, path: Path, fix: str) -> np.ndarr
         if not isinstance(node, h5py.Dataset):
             raise FetusFileError(f"{path}: '{key}' is a {type(node).__name__}, expected a dataset; {fix}")
         return np.asarray(node[()])
-    except (OSError, RuntimeError) as error:
+    # h5py raises KeyError for a soft or external link whose target is missing.
+    except (OSError, RuntimeError, KeyError) as error:
         raise FetusFileError(
-            f"{path}: failed to read dataset '{key}', the file may be truncated ({error}); {_REGENERATE}"
+            f"{path}: failed to read dataset '{key}', the file may be truncated or contain a broken "
+            f"link ({error}); {_REGENERATE}"
         ) from error
 
 
@@ -94,15 +106,20 @@ def read_image(path: str | os.PathLike) -> CaseImage:
     and a logged warning. It does not raise.
 
     Raises:
-        FetusFileError: the file is missing, empty, truncated or not HDF5, has no
-            ``image`` dataset, or its image has an unsupported shape, a zero-size axis or
+        FetusFileError: the file is missing, inaccessible, empty, truncated or not HDF5,
+            has no ``image`` dataset or a broken link in its place, or its image has an unsupported shape, a zero-size axis or
             an unsupported dtype.
     """
     path = Path(path)
     fix = "the file must contain an 'image' dataset of shape (H, W), (H, W, 1|3|4) or (3, H, W)"
     with _open_h5(path) as handle:
         raw = _read_dataset(handle, "image", path, fix)
-        raw_view = _read_dataset(handle, "view", path, fix) if "view" in handle else None
+        raw_view, view_reason = None, "the file has no 'view' dataset"
+        if "view" in handle:
+            try:
+                raw_view = _read_dataset(handle, "view", path, fix)
+            except FetusFileError as error:
+                view_reason = str(error)
         try:
             attrs = dict(handle.attrs.items())
         except (OSError, RuntimeError) as error:
@@ -119,9 +136,8 @@ def read_image(path: str | os.PathLike) -> CaseImage:
         logger.warning("%s: clipped %d pixel values outside the expected range", path, clipped)
     image = np.ascontiguousarray(to_gray(values), dtype=np.float32)
 
-    if raw_view is None:
-        view, view_reason = None, "the file has no 'view' dataset"
-    else:
+    view = None
+    if raw_view is not None:
         view, view_reason = parse_view(raw_view)
     if view_reason is not None:
         logger.warning("%s: view unknown: %s", path, view_reason)

@@ -353,3 +353,58 @@ def test_ensure_output_dir_rejects_read_only(tmp_path):
             ensure_output_dir(read_only)
     finally:
         read_only.chmod(0o755)
+
+
+@pytest.mark.parametrize(
+    "link",
+    [
+        pytest.param(lambda folder: h5py.SoftLink("/absent"), id="soft"),
+        pytest.param(lambda folder: h5py.ExternalLink(str(folder / "absent.h5"), "image"), id="external"),
+    ],
+)
+def test_dangling_image_link_rejected(tmp_path, link):
+    path = tmp_path / "linked.h5"
+    with h5py.File(path, "w") as handle:
+        handle["image"] = link(tmp_path)
+    with pytest.raises(FetusFileError, match="linked.h5: failed to read dataset 'image'"):
+        read_image(path)
+
+
+def test_external_image_link_followed(tmp_path, write_h5):
+    target = write_h5(tmp_path / "target.h5", pixels=GRAY_LEVELS)
+    path = tmp_path / "linked.h5"
+    with h5py.File(path, "w") as handle:
+        handle["image"] = h5py.ExternalLink(str(target), "pixels")
+    case = read_image(path)
+    np.testing.assert_array_equal(case.image, (GRAY_LEVELS / 255.0).astype(np.float32))
+
+
+def test_dangling_view_link_gives_none(tmp_path):
+    path = tmp_path / "viewlink.h5"
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset("image", data=GRAY_LEVELS)
+        handle["view"] = h5py.SoftLink("/absent")
+    case = read_image(path)
+    assert case.view is None
+    assert "failed to read dataset 'view'" in case.view_reason
+    assert case.image.shape == (16, 16)
+
+
+def test_overlong_path_rejected(tmp_path):
+    path = tmp_path / ("a" * 300 + ".h5")
+    with pytest.raises(FetusFileError, match="aaa.h5: cannot access the file"):
+        read_image(path)
+
+
+def test_float_overshoot_stays_unit_scale(tmp_path, write_h5):
+    # Resampling a [0, 1] image with a cubic kernel overshoots slightly above 1.0. Such an
+    # image must not be divided by 255 as if it were on the 0..255 scale.
+    image = np.array([[0.0, 0.25], [0.5, 1.02]], dtype=np.float32)
+    case = read_image(write_h5(tmp_path / "overshoot.h5", image=image))
+    np.testing.assert_array_equal(case.image, np.array([[0.0, 0.25], [0.5, 1.0]], dtype=np.float32))
+
+
+def test_float_255_scale_with_low_maximum(tmp_path, write_h5):
+    image = np.array([[0.0, 1.0], [2.0, 3.0]], dtype=np.float32)
+    case = read_image(write_h5(tmp_path / "dark.h5", image=image))
+    np.testing.assert_array_equal(case.image, (image.astype(np.float64) / 255.0).astype(np.float32))
