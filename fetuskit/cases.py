@@ -9,6 +9,7 @@ problems are raised together in one CaseListError.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from pathlib import Path
 
 from fetuskit.errors import CaseListError
 from fetuskit.labels import NUM_VIEWS
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIX = ".h5"
 LABEL_SUFFIX = "_label.h5"
@@ -65,7 +68,8 @@ def load_cases(source: str | os.PathLike, input_dir: str | os.PathLike | None = 
         CaseListError: the source does not exist, contains no cases, is invalid JSON or not a
             list, has entries with missing or unresolvable paths or an invalid view_id, or
             has two images with the same basename (their outputs would overwrite each
-            other). The message lists every problem found.
+            other). The message lists every problem found. An entry that repeats an
+            earlier one (same image, label and view_id) is dropped with a warning instead.
     """
     source = Path(source)
     if source.is_dir():
@@ -74,6 +78,7 @@ def load_cases(source: str | os.PathLike, input_dir: str | os.PathLike | None = 
         cases = _cases_from_json(source, Path(input_dir) if input_dir is not None else None)
     else:
         raise CaseListError(f"{source}: case list not found; pass a folder of .h5 files or a JSON list")
+    cases = _drop_repeated_entries(cases)
     _check_unique_names(source, cases)
     return cases
 
@@ -87,7 +92,8 @@ def _cases_from_folder(folder: Path) -> list[Case]:
 
 def _cases_from_json(list_path: Path, input_dir: Path | None) -> list[Case]:
     try:
-        entries = json.loads(list_path.read_text(encoding="utf-8"))
+        # utf-8-sig also accepts the byte order mark that some Windows editors write.
+        entries = json.loads(list_path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CaseListError(f"{list_path}: invalid JSON ({error}); fix the case list") from error
     if not isinstance(entries, list):
@@ -159,9 +165,28 @@ def resolve_path(raw: str, list_dir: Path, input_dir: Path | None) -> Path | Non
     if input_dir is not None:
         candidates.append(input_dir / given.name)
     for candidate in candidates:
-        if candidate.is_file():
-            return candidate
+        try:
+            if candidate.is_file():
+                return candidate
+        # is_file returns False for a missing file but raises for a name too long to exist.
+        except OSError:
+            continue
     return None
+
+
+def _drop_repeated_entries(cases: list[Case]) -> list[Case]:
+    # The same image listed twice with the same label and view is one case, and is kept once.
+    # Entries that differ in any of these are left for _check_unique_names to report.
+    kept: dict[tuple[Path, Path | None, int | None], Case] = {}
+    repeats: dict[tuple[Path, Path | None, int | None], int] = defaultdict(int)
+    for case in cases:
+        key = (case.image.resolve(), case.label.resolve() if case.label else None, case.view_id)
+        kept.setdefault(key, case)
+        repeats[key] += 1
+    for key, count in repeats.items():
+        if count > 1:
+            logger.warning("%s is listed %d times with the same label and view; keeping one entry", kept[key].image, count)
+    return list(kept.values())
 
 
 def _check_unique_names(source: Path, cases: list[Case]) -> None:

@@ -156,3 +156,37 @@ def test_non_ascii_names(tmp_path, write_h5):
     cases = load_cases(write_list(tmp_path / "列表.json", [{"image": "图像/病例_01.h5"}]))
     assert cases[0].name == "病例_01.h5"
     assert cases[0].image == image
+
+
+def test_json_with_bom_parsed(tmp_path, write_h5):
+    image = write_h5(tmp_path / "1.h5", image=IMAGE)
+    path = tmp_path / "list.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"image": "1.h5"}]).encode("utf-8"))
+    cases = load_cases(path)
+    assert [case.image for case in cases] == [image]
+
+
+def test_same_image_listed_twice_kept_once(tmp_path, write_h5, caplog):
+    image = write_h5(tmp_path / "1.h5", image=IMAGE)
+    other = write_h5(tmp_path / "2.h5", image=IMAGE)
+    entries = [{"image": "1.h5"}, {"image": str(image)}, {"image": "2.h5"}]
+    cases = load_cases(write_list(tmp_path / "list.json", entries))
+    assert [case.image for case in cases] == [tmp_path / "1.h5", other]
+    assert "1.h5 is listed 2 times with the same label and view" in caplog.text
+
+
+def test_same_image_with_other_view_rejected(tmp_path, write_h5):
+    write_h5(tmp_path / "1.h5", image=IMAGE)
+    entries = [{"image": "1.h5", "view_id": 1}, {"image": "1.h5", "view_id": 2}]
+    with pytest.raises(CaseListError, match="1 image basenames occur more than once"):
+        load_cases(write_list(tmp_path / "list.json", entries))
+
+
+def test_overlong_path_reported(tmp_path, write_h5):
+    write_h5(tmp_path / "1.h5", image=IMAGE)
+    entries = [{"image": "a" * 300 + ".h5"}, {"image": "1.h5"}]
+    with pytest.raises(CaseListError) as raised:
+        load_cases(write_list(tmp_path / "list.json", entries))
+    message = str(raised.value)
+    assert "1 of 2 entries are invalid" in message
+    assert "entry 0: image 'aaa" in message
