@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fetuskit.models import build_model, tiny_config
+from fetuskit.models import build_model, registered_models, tiny_config
 from fetuskit.models.chd_heads import MultiscaleCHDHead, structure_areas
 from fetuskit.models.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from fetuskit.training.config import load_config
@@ -164,6 +164,20 @@ def test_multiscale_head_rebuilt_from_checkpoint(tmp_path: Path) -> None:
     model.eval()
     with torch.no_grad():
         assert torch.equal(loaded(fixed).chd, model(fixed).chd)
+
+
+@pytest.mark.parametrize("name", registered_models())
+def test_every_model_builds_multiscale_head(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, **tiny_config(name), chd_head="multiscale", chd_head_levels=2, chd_head_areas=True)
+    assert isinstance(model.chd_head, MultiscaleCHDHead)
+    side = model.input_size
+    output = model(torch.rand(2, 1, side, side, generator=torch.Generator().manual_seed(0)))
+    assert output.chd.shape == (2, 7)
+    output.chd.sum().backward()
+    assert model.chd_head.mlp[0].weight.grad is not None
+    with pytest.raises(ValueError, match="chd_head_areas"):
+        build_model(name, **tiny_config(name), chd_head_areas=True)
 
 
 def test_structure_areas_masked_by_predicted_view() -> None:

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from fetuskit.labels import NUM_CHD, NUM_CLASSES, NUM_VIEWS
+from fetuskit.labels import NUM_CLASSES, NUM_VIEWS
 from fetuskit.models.base import ModelOutput
+from fetuskit.models.chd_heads import build_chd_head
 from fetuskit.models.foreign import load_echocare_encoder
 from fetuskit.models.heads import Network, check_heads_output, check_image_batch, mlp_head
 from fetuskit.models.lora import LoRAQKV
@@ -52,6 +53,9 @@ class EchoCareConfig:
         lora_rank: rank of the q and v adapters.
         lora_alpha: LoRA scale numerator; the update is multiplied by ``lora_alpha / lora_rank``.
         chd_hidden: hidden width of the CHD head.
+        chd_head: ``"pooled"`` or ``"multiscale"``; see ``fetuskit.models.chd_heads``.
+        chd_head_levels: deepest Swin outputs the multiscale CHD head reads.
+        chd_head_areas: the multiscale CHD head also reads the predicted structure areas.
         view_hidden: hidden width of the view head.
         encoder_weights: path of an EchoCare encoder checkpoint (``echocare_encoder.pth``
             layout) loaded when the model is built, or None to keep the random initialisation.
@@ -68,6 +72,9 @@ class EchoCareConfig:
     lora_rank: int = 5
     lora_alpha: float = 5.0
     chd_hidden: int = 512
+    chd_head: str = "pooled"
+    chd_head_levels: int = 3
+    chd_head_areas: bool = False
     view_hidden: int = 256
     encoder_weights: str | None = None
     gradient_checkpointing: bool = False
@@ -180,7 +187,14 @@ class EchoCareNet(Network):
 
         self.unetr = UNETRDecoder(ENCODER_IN_CHANNELS, config.embed_dim, config.feature_size, NUM_CLASSES)
         pooled = self.unetr.bottleneck_channels
-        self.chd_head = mlp_head(pooled, config.chd_hidden, NUM_CHD)
+        self.chd_head = build_chd_head(
+            config.chd_head,
+            pooled_features=pooled,
+            level_channels=[config.embed_dim * 2**level for level in range(len(config.depths) + 1)],
+            hidden=config.chd_hidden,
+            levels=config.chd_head_levels,
+            use_areas=config.chd_head_areas,
+        )
         self.view_head = mlp_head(pooled, config.view_hidden, NUM_VIEWS)
         self.reset_in_adapter()
 
@@ -210,7 +224,7 @@ class EchoCareNet(Network):
         image = self._adapt(x)
         hidden = self.swin(image, normalize=True)
         seg, bottleneck = self.unetr(image, hidden)
-        chd, view = self.predict_heads(bottleneck.mean(dim=(2, 3)))
+        chd, view = self.predict_heads(bottleneck.mean(dim=(2, 3)), hidden, seg)
         check_heads_output(chd, view)
         return ModelOutput(seg=seg, chd=chd, view=view)
 
