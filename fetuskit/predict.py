@@ -36,7 +36,8 @@ class BatchPrediction:
 
     Attributes:
         probs: (N, 15, S, S) float32 class probabilities after view masking. Every class the
-            view does not allow is exactly 0.0.
+            view does not allow is exactly 0.0. A pixel whose logits are NaN, or whose allowed
+            logits are all at or below MASKED_LOGIT, is 0.0 in every class (argmax background).
         chd: (N, 7) float32 CHD probabilities (sigmoid), before thresholding or view masking.
         view_probs: (N, 4) float32 view probabilities (softmax of the view head).
         views: (N,) int64 0-based view index used for masking: the given view where known,
@@ -177,8 +178,12 @@ def predict_batch(
         disallowed = ~allowed[:, :, None, None]
         probs = torch.zeros((count, NUM_CLASSES, side, side), dtype=torch.float32, device=out_device)
         for w, (seg, _, _) in zip(member_weights, member_outputs):
-            masked = seg.masked_fill(disallowed, MASKED_LOGIT)
-            probs += w * torch.softmax(masked, dim=1)
+            masked = torch.softmax(seg.masked_fill(disallowed, MASKED_LOGIT), dim=1)
+            # Where every allowed logit is at or below MASKED_LOGIT (fp16 -inf, or NaN), the
+            # softmax moves the mass to disallowed classes or gives NaN. Zero both, so such a
+            # pixel has no probability anywhere and its argmax is background.
+            masked = torch.nan_to_num(masked, nan=0.0).masked_fill(disallowed, 0.0)
+            probs += w * masked
 
     return BatchPrediction(
         probs=probs,

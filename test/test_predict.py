@@ -246,3 +246,28 @@ def test_chd_rejects_bad_arguments():
         chd_to_label(np.zeros(NUM_CHD), 0, [0.5])
     with pytest.raises(ValueError, match="CHD probabilities"):
         chd_to_label(np.zeros(3), 0, [0.5] * NUM_CHD)
+
+
+@pytest.mark.parametrize(
+    ("allowed_logit", "dtype"),
+    [
+        pytest.param(float("-inf"), torch.float16, id="fp16-minus-inf"),
+        pytest.param(-3.0e38, torch.bfloat16, id="bf16-huge-negative"),
+        pytest.param(-1.0e10, torch.float32, id="float32-below-fill"),
+        pytest.param(float("nan"), torch.float32, id="nan"),
+    ],
+)
+def test_allowed_logits_below_fill_keep_masking(allowed_logit, dtype):
+    # Every allowed class gets a logit at or below MASKED_LOGIT and every other class 0, so
+    # the filled classes would win a plain softmax.
+    for view in range(NUM_VIEWS):
+        logits = [allowed_logit if CLASS_MASK[view][c] else 0.0 for c in range(NUM_CLASSES)]
+        model = ConstantModel(logits, dtype=dtype)
+
+        prediction = predict_batch([model], images(1), torch.tensor([view]))
+
+        disallowed = torch.from_numpy(~CLASS_MASK[view])
+        assert torch.isfinite(prediction.probs).all(), view
+        assert prediction.probs[0][disallowed].abs().max() == 0.0, view
+        mask = probabilities_to_mask(prediction.probs[0], 5, 9)
+        assert CLASS_MASK[view][mask].all(), view
