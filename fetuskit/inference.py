@@ -6,7 +6,9 @@ in a thread pool while the network runs on batches. Each input gets ``<basename>
 
 A case is never dropped. An image that cannot be read or predicted gets an all-background
 mask (at the input's size when its image dataset's shape is readable, else 512x512) and a zero
-label, and the run report lists it with the reason. The run writes ``run_settings.json`` at
+label, and the run report lists it with the reason. A case without a usable output name
+(a second image with the same basename, or a name such as "..") or whose file cannot be
+written gets no file, and the report lists it under ``missing_outputs``. The run writes ``run_settings.json`` at
 the start and ``run_report.json`` at the end into the output folder. The scorer matches
 predictions by ``.h5`` file name, so these files do not disturb it.
 """
@@ -18,7 +20,7 @@ import logging
 import platform
 import sys
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -144,7 +146,8 @@ def run_inference(config: InferenceConfig) -> RunReport:
         The run report, also written to ``<out_dir>/run_report.json``.
 
     Raises:
-        InferenceSetupError: when the run cannot start. The message explains what to do.
+        InferenceSetupError: when the run cannot start, for example because the output folder
+            contains the input images. The message explains what to do.
         ManifestError: when the weights manifest is missing or a checkpoint is missing or altered.
     """
     started_at = config.started_at if config.started_at is not None else time.perf_counter()
@@ -155,6 +158,7 @@ def run_inference(config: InferenceConfig) -> RunReport:
 
     cases, source = resolve_cases(config)
     out_dir = _prepare_output_dir(config.out_dir)
+    _check_inputs_outside(cases, out_dir)
     device = resolve_device(config.device)
 
     manifest = load_manifest(config.weights_dir)
@@ -172,8 +176,17 @@ def run_inference(config: InferenceConfig) -> RunReport:
     _write_json(out_dir / SETTINGS_NAME, _settings(config, source, manifest, ensemble, refiner is not None))
 
     pending = []
+    first_with_name: dict[str, Case] = {}
     for case in cases:
-        if not config.overwrite and (out_dir / output_name(case)).exists():
+        first = first_with_name.setdefault(output_name(case), case)
+        if first is not case:
+            reason = (
+                f"{case.image} has the same basename as {first.image}, so its prediction would overwrite "
+                "that one; rename the file or predict it in a separate run"
+            )
+            logger.error("no output for %s: %s", case.image, reason)
+            report.missing_outputs.append({"name": output_name(case), "reason": reason})
+        elif not config.overwrite and _is_existing_file(out_dir / output_name(case)):
             report.skipped_existing += 1
         else:
             pending.append(case)
@@ -206,6 +219,33 @@ def run_inference(config: InferenceConfig) -> RunReport:
     return report
 
 
+def _is_existing_file(path: Path) -> bool:
+    # pathlib raises instead of returning False for a name longer than the file system allows.
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def _check_inputs_outside(cases: Sequence[Case], out_dir: Path) -> None:
+    """Raise when an output file would be an input image itself, so no input is ever overwritten."""
+    clashes = []
+    for case in cases:
+        target = out_dir / output_name(case)
+        try:
+            if _is_existing_file(target) and target.samefile(case.image):
+                clashes.append(case.name)
+        # An image that cannot be examined (missing, or a NUL in its name) is not in the output folder.
+        except (OSError, ValueError):
+            continue
+    if clashes:
+        shown = ", ".join(clashes[:5]) + (", ..." if len(clashes) > 5 else "")
+        raise InferenceSetupError(
+            f"output folder {out_dir} contains the input images ({len(clashes)} of {len(cases)}: {shown}), "
+            "and the predictions would replace them. Pass --out-dir with another folder."
+        )
+
+
 def output_name(case: Case) -> str:
     """Return the prediction file name of a case: the input file's basename."""
     return case.name
@@ -221,8 +261,8 @@ def resolve_cases(config: InferenceConfig) -> tuple[list[Case], str]:
     found still becomes a case, so it gets a fallback output instead of stopping the run.
 
     Raises:
-        InferenceSetupError: when no source exists, it lists no cases, or two images share a
-            basename.
+        InferenceSetupError: when no source exists or it lists no cases. Images that share a
+            basename are returned, and the run gives an output to the first of them only.
     """
     if config.input_dir is not None:
         source = Path(config.input_dir)
@@ -266,13 +306,14 @@ def _cases_from_list(list_path: Path) -> list[Case]:
         logger.warning("%s\nPredicting every entry that names an image; images not found get fallback outputs.", error)
 
     try:
-        entries = json.loads(list_path.read_text(encoding="utf-8"))
+        entries = json.loads(list_path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InferenceSetupError(f"cannot read the case list {list_path}: {error}") from error
     if not isinstance(entries, list) or not entries:
         raise InferenceSetupError(f"{list_path}: expected a non-empty JSON list of {{\"image\": path}} objects")
 
     cases = []
+    listed: set[Path] = set()
     for index, entry in enumerate(entries):
         raw = entry.get("image") if isinstance(entry, dict) else None
         if not isinstance(raw, str) or not raw:
@@ -280,15 +321,14 @@ def _cases_from_list(list_path: Path) -> list[Case]:
             continue
         found = resolve_path(raw, list_path.parent, input_dir)
         image = found if found is not None else Path(raw)
+        if found is not None and found.resolve() in listed:
+            logger.warning("%s: entry %d lists %s again; predicting it once", list_path, index, found)
+            continue
+        if found is not None:
+            listed.add(found.resolve())
         cases.append(Case(name=image.name, image=image, label=None, view_id=None))
     if not cases:
         raise InferenceSetupError(f"{list_path}: no entry names an image; nothing to predict")
-    duplicates = sorted(name for name, count in Counter(case.name for case in cases).items() if count > 1)
-    if duplicates:
-        raise InferenceSetupError(
-            f"{list_path}: image basenames {duplicates} occur more than once, and their predictions "
-            "would overwrite each other; rename the files or split the list"
-        )
     return cases
 
 
@@ -471,8 +511,14 @@ class _BatchRunner:
                     {"name": output_name(item.case), "view": VIEW_NAMES[view], "probability": round(probability, 4)}
                 )
             height, width = item.image.shape
-            mask = self._mask(item, prediction.probs[index], view, height, width)
-            label = chd_to_label(prediction.chd[index], view, self.ensemble.chd_thresholds)
+            try:
+                mask = self._mask(item, prediction.probs[index], view, height, width)
+                label = chd_to_label(prediction.chd[index], view, self.ensemble.chd_thresholds)
+            # Resizing to a very large input can run out of memory. One image must not stop the run.
+            except Exception as error:  # noqa: BLE001
+                logger.error("post-processing failed for %s: %s", item.case.image, error)
+                self.write_fallback(item.case, item.image.shape, f"post-processing failed: {type(error).__name__}: {error}")
+                continue
             if self._write(item.case, mask, label):
                 self.report.predicted += 1
 
@@ -500,7 +546,8 @@ class _BatchRunner:
     def _write(self, case: Case, mask: np.ndarray, label: np.ndarray) -> bool:
         try:
             write_prediction(self.out_dir, output_name(case), mask, label)
-        except (FetusError, OSError) as error:
+        # ValueError: a name that is no valid file name ("..", or with a NUL byte) or an invalid mask.
+        except (FetusError, OSError, ValueError) as error:
             logger.error("cannot write the prediction for %s: %s", case.image, error)
             self.report.missing_outputs.append({"name": output_name(case), "reason": str(error)})
             return False

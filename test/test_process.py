@@ -487,3 +487,110 @@ def test_failed_prediction_gets_fallback(forms_dir, weights_dir, tmp_path, monke
     wide_mask, _ = read_prediction(out_dir / "wide.h5")
     assert wide_mask.shape == (480, 640)
     assert not wide_mask.any()
+
+
+def test_json_list_with_bom_and_missing_image(weights_dir, tmp_path):
+    data = tmp_path / "data"
+    write_image(data / "images" / "1.h5", np.full((32, 36), 90, dtype=np.uint8))
+    entries = [{"image": "images/1.h5"}, {"image": "images/2.h5"}]
+    (data / "valid.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(entries).encode("utf-8"))
+    out_dir = tmp_path / "out"
+
+    code = run(["--data-json", str(data / "valid.json"), "--out-dir", str(out_dir), "--weights", str(weights_dir)])
+
+    assert code == 0
+    assert read_prediction(out_dir / "1.h5")[0].shape == (32, 36)
+    assert read_prediction(out_dir / "2.h5")[0].shape == (512, 512)
+    assert [entry["name"] for entry in read_report(out_dir)["fallbacks"]] == ["2.h5"]
+
+
+def test_basename_clash_keeps_other_cases(weights_dir, tmp_path):
+    data = tmp_path / "data"
+    write_image(data / "1.h5", np.full((32, 36), 90, dtype=np.uint8))
+    write_image(data / "other" / "1.h5", np.full((20, 24), 90, dtype=np.uint8))
+    write_image(data / "2.h5", np.full((30, 30), 90, dtype=np.uint8))
+    entries = [{"image": "1.h5"}, {"image": "1.h5"}, {"image": "other/1.h5"}, {"image": "2.h5"}]
+    (data / "valid.json").write_text(json.dumps(entries))
+    out_dir = tmp_path / "out"
+
+    code = run(["--data-json", str(data / "valid.json"), "--out-dir", str(out_dir), "--weights", str(weights_dir)])
+
+    assert code == 1
+    assert read_prediction(out_dir / "1.h5")[0].shape == (32, 36)
+    assert read_prediction(out_dir / "2.h5")[0].shape == (30, 30)
+    report = read_report(out_dir)
+    assert report["predicted"] == 2
+    assert [entry["name"] for entry in report["missing_outputs"]] == ["1.h5"]
+    assert str(data / "other" / "1.h5") in report["missing_outputs"][0]["reason"]
+    assert "same basename" in report["missing_outputs"][0]["reason"]
+
+
+def test_unusable_entries_do_not_stop_run(weights_dir, tmp_path):
+    data = tmp_path / "data"
+    write_image(data / "2.h5", np.full((30, 30), 90, dtype=np.uint8))
+    entries = [{"image": "a" * 300 + ".h5"}, {"image": "absent/.."}, {"image": "x\u0000.h5"}, {"image": "2.h5"}]
+    (data / "valid.json").write_text(json.dumps(entries))
+    out_dir = tmp_path / "out"
+
+    code = run(["--data-json", str(data / "valid.json"), "--out-dir", str(out_dir), "--weights", str(weights_dir)])
+
+    assert code == 1
+    assert read_prediction(out_dir / "2.h5")[0].shape == (30, 30)
+    report = read_report(out_dir)
+    assert report["predicted"] == 1
+    assert report["skipped_existing"] == 0
+    missing = {entry["name"]: entry["reason"] for entry in report["missing_outputs"]}
+    assert sorted(missing) == ["..", "a" * 300 + ".h5", "x\u0000.h5"]
+    assert "invalid output file name" in missing[".."]
+    assert sorted(path.name for path in out_dir.iterdir()) == ["2.h5", "run_report.json", "run_settings.json"]
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["resume", "overwrite"])
+def test_output_folder_of_inputs_rejected(weights_dir, tmp_path, caplog, overwrite):
+    folder = tmp_path / "data"
+    write_image(folder / "1.h5", np.full((32, 36), 90, dtype=np.uint8))
+    before = (folder / "1.h5").read_bytes()
+
+    code = run(["--input", str(folder), "--out-dir", str(folder), "--weights", str(weights_dir), *overwrite])
+
+    assert code == 2
+    assert (folder / "1.h5").read_bytes() == before
+    assert f"output folder {folder} contains the input images" in caplog.text
+
+
+def test_folder_named_like_output_not_skipped(weights_dir, tmp_path):
+    folder = tmp_path / "data"
+    write_image(folder / "1.h5", np.full((32, 36), 90, dtype=np.uint8))
+    write_image(folder / "2.h5", np.full((32, 36), 90, dtype=np.uint8))
+    out_dir = tmp_path / "out"
+    (out_dir / "1.h5").mkdir(parents=True)
+
+    code = run(["--input", str(folder), "--out-dir", str(out_dir), "--weights", str(weights_dir)])
+
+    assert code == 1
+    report = read_report(out_dir)
+    assert report["skipped_existing"] == 0
+    assert report["predicted"] == 1
+    assert [entry["name"] for entry in report["missing_outputs"]] == ["1.h5"]
+
+
+def test_failed_mask_gets_fallback(forms_dir, weights_dir, tmp_path, monkeypatch):
+    import fetuskit.inference as inference
+
+    real_mask = inference.probabilities_to_mask
+
+    def fail_on_wide(probs, height, width):
+        if (height, width) == (480, 640):
+            raise RuntimeError("cannot allocate memory (simulated)")
+        return real_mask(probs, height, width)
+
+    monkeypatch.setattr(inference, "probabilities_to_mask", fail_on_wide)
+    out_dir = tmp_path / "out"
+
+    assert run(["--input", str(forms_dir), "--out-dir", str(out_dir), "--weights", str(weights_dir)]) == 0
+
+    report = read_report(out_dir)
+    assert report["predicted"] == 5
+    assert [entry["name"] for entry in report["fallbacks"]] == ["wide.h5"]
+    assert "cannot allocate memory" in report["fallbacks"][0]["reason"]
+    assert read_prediction(out_dir / "wide.h5")[0].shape == (480, 640)
