@@ -137,18 +137,47 @@ def prototype_keep_mask(
 ) -> PrototypeCheck:
     """Check confident pseudo-labels against the class prototypes.
 
-    A confident pixel of class c is kept when ``sim_c >= sim_j - margin`` for every present
-    class j != c, with similarities from ``prototype_similarity``. ``margin`` 0 is the plain
-    rule (ties are kept), a positive margin tolerates another class being slightly closer,
-    and a negative one requires the own class to win by that much. A pixel whose class has
-    no prototype is kept when ``keep_missing`` is True and dropped otherwise. A pixel is
-    kept when no other class is present.
+    Computes the similarities with ``prototype_similarity`` at the pseudo-labels' size and
+    applies ``similarity_keep_mask`` to them; see there for the rule.
 
     Args:
         features: (N, D, h, w) float, any norm.
         pseudo: (N, H, W) integer class ids in [0, K) where ``confident`` is True.
         confident: (N, H, W) bool, the pixels that would enter the loss.
         prototypes: (K, D) unit rows, from ``class_prototypes`` or ``PrototypeEMA``.
+        present: (K,) bool, classes that have a prototype.
+        margin: tolerance in cosine similarity.
+        keep_missing: policy for pixels whose class has no prototype.
+
+    Returns:
+        ``PrototypeCheck(keep, dropped_fraction)``; ``keep`` is False wherever ``confident``
+        is False.
+    """
+    _check_label_inputs(features, pseudo, "pseudo")
+    similarity = prototype_similarity(features, prototypes, (pseudo.shape[1], pseudo.shape[2]))
+    return similarity_keep_mask(similarity, pseudo, confident, present, margin, keep_missing)
+
+
+def similarity_keep_mask(
+    similarity: torch.Tensor,
+    pseudo: torch.Tensor,
+    confident: torch.Tensor,
+    present: torch.Tensor,
+    margin: float = 0.0,
+    keep_missing: bool = True,
+) -> PrototypeCheck:
+    """Check confident pseudo-labels against per-pixel similarities to the class prototypes.
+
+    A confident pixel of class c is kept when ``sim_c >= sim_j - margin`` for every present
+    class j != c. ``margin`` 0 is the plain rule (ties are kept), a positive margin tolerates
+    another class being slightly closer, and a negative one requires the own class to win by
+    that much. A pixel whose class has no prototype is kept when ``keep_missing`` is True and
+    dropped otherwise. A pixel is kept when no other class is present.
+
+    Args:
+        similarity: (N, K, H, W) float, for example from ``prototype_similarity``.
+        pseudo: (N, H, W) integer class ids in [0, K) where ``confident`` is True.
+        confident: (N, H, W) bool, the pixels that would enter the loss.
         present: (K,) bool, classes that have a prototype.
         margin: tolerance in cosine similarity, see above.
         keep_missing: policy for pixels whose class has no prototype.
@@ -157,17 +186,20 @@ def prototype_keep_mask(
         ``PrototypeCheck(keep, dropped_fraction)``; ``keep`` is False wherever ``confident``
         is False.
     """
-    _check_label_inputs(features, pseudo, "pseudo")
+    if similarity.ndim != 4 or similarity.shape[0] != pseudo.shape[0] or similarity.shape[2:] != pseudo.shape[1:]:
+        raise ValueError(
+            f"similarity must be (N, K, H, W) with N, H, W of the pseudo-labels {tuple(pseudo.shape)}, "
+            f"got {tuple(similarity.shape)}"
+        )
     if confident.shape != pseudo.shape:
         raise ValueError(f"confident must have the pseudo-labels' shape {tuple(pseudo.shape)}, got {tuple(confident.shape)}")
-    num_classes = prototypes.shape[0]
+    num_classes = similarity.shape[1]
     if present.shape != (num_classes,):
         raise ValueError(f"present must be ({num_classes},) like the prototype rows, got {tuple(present.shape)}")
     confident = confident.bool()
     if bool(((pseudo < 0) | (pseudo >= num_classes))[confident].any()):
         raise ValueError(f"confident pseudo-labels must be class ids in [0, {num_classes})")
 
-    similarity = prototype_similarity(features, prototypes, (pseudo.shape[1], pseudo.shape[2]))
     present = present.to(similarity.device)
     classes = torch.where(confident, pseudo.long(), torch.zeros_like(pseudo, dtype=torch.long)).to(similarity.device)
 

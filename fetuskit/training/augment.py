@@ -67,13 +67,34 @@ def random_gamma(images: torch.Tensor, config: AugmentConfig, generator: torch.G
     return images.clamp(min=0.0).pow(gamma.view(-1, 1, 1, 1))
 
 
+def warp_maps(values: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Apply (N, 2, 3) affine matrices to (N, C, H, W) float maps: bilinear, outside 0, no clamp.
+
+    For maps that live in the image's pixel grid but not in [0, 1], such as cosine similarities.
+    """
+    grid = F.affine_grid(theta.to(values.dtype), list(values.shape), align_corners=False)
+    return F.grid_sample(values, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def weak_augment_with_affine(
+    images: torch.Tensor, masks: torch.Tensor | None, config: AugmentConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Return the weak view like ``weak_augment`` and also its (N, 2, 3) affine matrices.
+
+    The random numbers are drawn in the same order as ``weak_augment``, so both give the same
+    images for the same generator state.
+    """
+    theta = random_affine(images.shape[0], config, generator)
+    images, masks = warp(images, masks, theta)
+    return random_gamma(images, config, generator), masks, theta
+
+
 def weak_augment(
     images: torch.Tensor, masks: torch.Tensor | None, config: AugmentConfig, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Return the weak view: one shared affine warp of image and mask, then gamma on the image."""
-    theta = random_affine(images.shape[0], config, generator)
-    images, masks = warp(images, masks, theta)
-    return random_gamma(images, config, generator), masks
+    images, masks, _ = weak_augment_with_affine(images, masks, config, generator)
+    return images, masks
 
 
 def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,9 @@ from fetuskit.training import augment, losses
 from fetuskit.training.config import TrainConfig
 from fetuskit.training.data import CaseTensors, ShardedSampler, same_view_partners
 from fetuskit.training.ema import MeanTeacher
+
+if TYPE_CHECKING:
+    from fetuskit.features.cache import ImageFeatureStore
 
 
 @dataclass
@@ -54,8 +57,15 @@ class Task(Protocol):
 class FeatureCheck:
     """Prototype check on frozen features: drops pseudo-labels closer to another class's prototype.
 
-    Class prototypes come from the labelled images of each step (weak view, ground-truth masks)
-    and are kept across steps in an EMA bank (``fetuskit.features.prototypes.PrototypeEMA``).
+    Each training image goes through the extractor once, un-augmented, and its features are
+    kept in memory (``fetuskit.features.cache.ImageFeatureStore``). Class prototypes come from
+    the labelled images of each step with their un-augmented ground-truth masks and are kept
+    across steps in an EMA bank (``fetuskit.features.prototypes.PrototypeEMA``). For the weak
+    view of an unlabelled image, the prototype similarities of the un-augmented image are
+    warped with the view's affine matrix. The weak view's gamma change is not seen by the
+    extractor, so the check approximates one on features of the augmented image.
+
+    Call :meth:`attach` with the training images before the first ``update`` or ``keep``.
     """
 
     def __init__(self, config: TrainConfig) -> None:
@@ -66,24 +76,50 @@ class FeatureCheck:
         self.extractor = build_feature_extractor(options.extractor, **options.options)
         self.keep_options = dict(options.keep_options)
         self.bank = PrototypeEMA(NUM_CLASSES, self.extractor.dim, momentum=options.prototype_momentum)
+        self.labelled: ImageFeatureStore | None = None
+        self.labelled_masks: torch.Tensor | None = None
+        self.unlabelled: ImageFeatureStore | None = None
+
+    def attach(self, labelled: CaseTensors, unlabelled: CaseTensors | None) -> None:
+        """Index the training-size images and masks that ``update`` and ``keep`` refer to."""
+        from fetuskit.features.cache import ImageFeatureStore
+
+        self.labelled = ImageFeatureStore(self.extractor, labelled.images)
+        self.labelled_masks = labelled.masks
+        self.unlabelled = ImageFeatureStore(self.extractor, unlabelled.images) if unlabelled is not None else None
 
     @torch.no_grad()
-    def update(self, images: torch.Tensor, masks: torch.Tensor) -> None:
-        """Blend the prototypes of (N, 1, S, S) labelled images and (N, S, S) masks into the bank."""
+    def update(self, indices: torch.Tensor) -> None:
+        """Blend the prototypes of the labelled images at (N,) ``indices`` into the bank."""
         from fetuskit.features.prototypes import class_prototypes
 
-        prototypes, present = class_prototypes(self.extractor.extract(images), masks, None, NUM_CLASSES)
+        if self.labelled is None or self.labelled_masks is None:
+            raise RuntimeError("FeatureCheck.attach must be called before update")
+        masks = self.labelled_masks[indices].long()
+        prototypes, present = class_prototypes(self.labelled.features(indices), masks, None, NUM_CLASSES)
         self.bank.update(prototypes, present)
 
     @torch.no_grad()
-    def keep(self, images: torch.Tensor, labels: torch.Tensor, confident: torch.Tensor) -> torch.Tensor:
-        """Return (N, S, S) bool: confident pixels whose pseudo-label passes the prototype check."""
-        from fetuskit.features.prototypes import prototype_keep_mask
+    def keep(
+        self, indices: torch.Tensor, theta: torch.Tensor, labels: torch.Tensor, confident: torch.Tensor
+    ) -> torch.Tensor:
+        """Return (N, S, S) bool: confident pixels whose pseudo-label passes the prototype check.
 
-        check = prototype_keep_mask(
-            self.extractor.extract(images), labels, confident, self.bank.prototypes, self.bank.present,
-            **self.keep_options,
-        )
+        Args:
+            indices: (N,) int64 unlabelled images the weak views were made from.
+            theta: (N, 2, 3) affine matrices of the weak views, as ``augment.random_affine`` draws them.
+            labels: (N, S, S) int64 pseudo-labels of the weak views.
+            confident: (N, S, S) bool pixels above the confidence threshold.
+        """
+        from fetuskit.features.prototypes import prototype_similarity, similarity_keep_mask
+
+        if self.unlabelled is None:
+            raise RuntimeError("FeatureCheck.attach must be called with unlabelled images before keep")
+        features = self.unlabelled.features(indices).to(labels.device)
+        similarity = prototype_similarity(features, self.bank.prototypes, (labels.shape[1], labels.shape[2]))
+        # Warping the similarities at full size keeps boundaries as sharp as the labels they check.
+        similarity = augment.warp_maps(similarity, theta.to(similarity.device))
+        check = similarity_keep_mask(similarity, labels, confident, self.bank.present, **self.keep_options)
         return check.keep.to(confident.device)
 
     def state_dict(self) -> dict[str, Any]:
@@ -141,6 +177,8 @@ class SegmentationTask:
         self.generator = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (rank + 1))
         self.chd_pos_weight = chd_pos_weight
         self.feature_check = feature_check
+        if feature_check is not None:
+            feature_check.attach(labelled, self.unlabelled)
 
     def trainable_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         """Yield every parameter that requires gradients, so frozen encoders stay frozen."""
@@ -159,7 +197,7 @@ class SegmentationTask:
         inputs = [images_l]
         pseudo = None
         if self.feature_check is not None:
-            self.feature_check.update(images_l, masks_l)
+            self.feature_check.update(labelled["indices"])
         if unlabelled is not None:
             pseudo = self._pseudo_labels(teacher, unlabelled, device)
             inputs.append(pseudo["student_images"])
@@ -205,6 +243,7 @@ class SegmentationTask:
             self.generator,
         )
         return {
+            "indices": indices,
             "images": images,
             "masks": masks,
             "views": self.labelled.views[indices],
@@ -217,11 +256,18 @@ class SegmentationTask:
         partners = same_view_partners(views, self.pool_by_view, self.generator)
         config = self.config.augment
         both = torch.cat([self.unlabelled.images[indices], self.unlabelled.images[partners]])
-        weak, _ = augment.weak_augment(both, None, config, self.generator)
+        weak, _, theta = augment.weak_augment_with_affine(both, None, config, self.generator)
         strong = augment.strong_augment(weak, config, self.generator)
         size = weak.shape[-1]
         boxes = augment.cutmix_boxes(len(indices), size, size, config, self.generator)
-        return {"weak": weak, "strong": strong, "views": views, "boxes": boxes}
+        return {
+            "indices": torch.cat([indices, partners]),
+            "theta": theta,
+            "weak": weak,
+            "strong": strong,
+            "views": views,
+            "boxes": boxes,
+        }
 
     @torch.no_grad()
     def _pseudo_labels(self, teacher: MeanTeacher, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
@@ -238,7 +284,7 @@ class SegmentationTask:
         confident = confidence >= self.config.loss.confidence_threshold
         keep = confident
         if self.feature_check is not None:
-            keep = self.feature_check.keep(weak, labels, confident)
+            keep = self.feature_check.keep(batch["indices"], batch["theta"], labels, confident)
 
         boxes = batch["boxes"].to(device)
         mixed_labels = augment.apply_cutmix(labels[:count], labels[count:], boxes)
