@@ -280,3 +280,73 @@ def test_evaluate_cases_rejects_unknown_view(view):
     mask = np.zeros((4, 4), np.uint8)
     with pytest.raises(ValueError, match="case x.h5: view"):
         evaluate_cases([record("x.h5", mask, mask, view=view)])
+
+
+def independent_scores(pred: np.ndarray, gt: np.ndarray) -> dict[int, tuple[float, float]]:
+    """Score one image straight from the definition: {class: (Dice, NSD)} for counted classes.
+
+    The surface is found from the four neighbours on a zero-padded copy, and distances come
+    from ``scipy.ndimage.distance_transform_edt`` over the whole image.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    def surface(mask: np.ndarray) -> np.ndarray:
+        padded = np.pad(mask, 1)
+        interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        return mask & ~interior
+
+    scores = {}
+    for class_id in range(1, 15):
+        pred_mask, gt_mask = pred == class_id, gt == class_id
+        if not pred_mask.any() and not gt_mask.any():
+            continue
+        dice = 2 * np.sum(pred_mask & gt_mask) / (pred_mask.sum() + gt_mask.sum() + 1e-8)
+        if not pred_mask.any() or not gt_mask.any():
+            scores[class_id] = (dice, 0.0)
+            continue
+        pred_surface, gt_surface = surface(pred_mask), surface(gt_mask)
+        to_gt = distance_transform_edt(~gt_surface)[pred_surface]
+        to_pred = distance_transform_edt(~pred_surface)[gt_surface]
+        scores[class_id] = (dice, (np.mean(to_gt <= 2.0) + np.mean(to_pred <= 2.0)) / 2)
+    return scores
+
+
+def adversarial_pairs() -> list[tuple[str, np.ndarray, np.ndarray]]:
+    shape = (17, 23)
+    height, width = shape
+    pairs = []
+    # Single corner pixels 2 px apart (NSD 1, the tolerance is inclusive) and sqrt(5) px apart (NSD 0).
+    for row, col in [(0, 0), (0, width - 1), (height - 1, 0), (height - 1, width - 1)]:
+        for col_step in (0, 1):
+            pred, gt = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
+            pred[row, col] = 1
+            gt[abs(row - 2), abs(col - col_step)] = 1
+            pairs.append((f"corner pixel {row},{col} step {col_step}", pred, gt))
+    pred, gt = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
+    pred[5, :] = 3
+    gt[7, :] = 3
+    gt[:, 10] = 3
+    pairs.append(("one-pixel lines", pred, gt))
+    checker = (np.indices(shape).sum(axis=0) % 2).astype(np.uint8) * 5
+    pairs.append(("checkerboard shifted", checker, np.roll(checker, 1, axis=1)))
+    pairs.append(("checkerboard equal", checker, checker.copy()))
+    frame = np.full(shape, 6, np.uint8)
+    frame[1:-1, 1:-1] = 7
+    pairs.append(("all four borders", np.full(shape, 6, np.uint8), frame))
+    blob = np.zeros(shape, np.uint8)
+    blob[2:6, 3:9] = 9
+    pairs.append(("prediction only", blob, np.zeros(shape, np.uint8)))
+    pairs.append(("ground truth only", np.zeros(shape, np.uint8), blob))
+    pairs.append(("one pixel image", np.array([[4]], np.uint8), np.array([[4]], np.uint8)))
+    pairs.append(("one row image", np.array([[0, 2, 2, 0, 2]], np.uint8), np.array([[2, 2, 0, 0, 0]], np.uint8)))
+    return pairs
+
+
+@pytest.mark.parametrize(("name", "pred", "gt"), adversarial_pairs(), ids=[pair[0] for pair in adversarial_pairs()])
+def test_fast_matches_independent_definition(name, pred, gt):
+    expected = independent_scores(pred, gt)
+    scores = segmentation_scores(pred, gt)
+    assert sorted(np.flatnonzero(scores.counted).tolist()) == sorted(expected)
+    for class_id, (dice, nsd) in expected.items():
+        assert scores.dice[class_id] == pytest.approx(dice, abs=1e-12), class_id
+        assert scores.nsd[class_id] == pytest.approx(nsd, abs=1e-12), class_id
