@@ -38,7 +38,7 @@ from fetuskit.arrays import to_pixels_hwc
 from fetuskit.cases import Case, load_cases, resolve_path
 from fetuskit.errors import CaseListError, FetusError
 from fetuskit.io import ensure_output_dir, read_image, write_prediction
-from fetuskit.labels import NUM_CHD, VIEW_NAMES
+from fetuskit.labels import CLASS_MASK, NUM_CHD, NUM_CLASSES, VIEW_NAMES
 from fetuskit.predict import UNKNOWN_VIEW, chd_to_label, predict_batch, probabilities_to_mask
 from fetuskit.transforms import image_to_tensor, resize_probabilities
 from fetuskit.weights_manifest import WeightsManifest, load_manifest, verify_checksums
@@ -529,12 +529,13 @@ class _BatchRunner:
         coarse = probabilities.argmax(dim=0).to(torch.uint8).cpu().numpy()
         try:
             refined, _ = self.refiner.refine(item.image, coarse, probabilities.cpu().numpy(), view)
+            refined = _checked_refined_mask(refined, (height, width), view)
         # The refiner is optional, so any failure in it keeps the network's own mask.
         except Exception as error:  # noqa: BLE001
             logger.warning("refiner failed for %s, keeping the network's mask: %s", item.case.image, error)
             self.report.refiner_failures.append({"name": output_name(item.case), "reason": f"{type(error).__name__}: {error}"})
             return coarse
-        return np.asarray(refined, dtype=np.uint8)
+        return refined
 
     def write_fallback(self, case: Case, size: tuple[int, int], reason: str) -> None:
         """Write an all-background mask of ``size`` (H, W) and a zero label for a case that failed."""
@@ -552,6 +553,24 @@ class _BatchRunner:
             self.report.missing_outputs.append({"name": output_name(case), "reason": str(error)})
             return False
         return True
+
+
+def _checked_refined_mask(refined: Any, shape: tuple[int, int], view: int) -> np.ndarray:
+    """Check a refiner's mask and return it as (H, W) uint8.
+
+    Raises:
+        ValueError: the mask has another shape than ``shape``, is not integer, or contains a
+            class that ``view`` does not allow.
+    """
+    mask = np.asarray(refined)
+    if mask.shape != shape:
+        raise ValueError(f"refined mask has shape {mask.shape}, expected the input's shape {shape}")
+    if mask.dtype.kind not in "ui" or (mask.size and mask.max() >= NUM_CLASSES):
+        raise ValueError(f"refined mask has dtype {mask.dtype} or values outside 0..{NUM_CLASSES - 1}")
+    forbidden = sorted(set(np.unique(mask).tolist()) - set(np.flatnonzero(CLASS_MASK[view]).tolist()))
+    if forbidden:
+        raise ValueError(f"refined mask contains class {', '.join(map(str, forbidden))}, which view {VIEW_NAMES[view]} does not allow")
+    return mask.astype(np.uint8)
 
 
 class _progress:

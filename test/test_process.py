@@ -594,3 +594,33 @@ def test_failed_mask_gets_fallback(forms_dir, weights_dir, tmp_path, monkeypatch
     assert [entry["name"] for entry in report["fallbacks"]] == ["wide.h5"]
     assert "cannot allocate memory" in report["fallbacks"][0]["reason"]
     assert read_prediction(out_dir / "wide.h5")[0].shape == (480, 640)
+
+
+class _BrokenRefiner:
+    """Returns a refined mask of the wrong size for one case and a disallowed class for another."""
+
+    def refine(self, image, coarse, probabilities, view):
+        if image.shape == (480, 640):
+            return np.zeros((512, 512), np.uint8), {}
+        refined = coarse.copy()
+        refined[0, 0] = 14 if view == 0 else 7
+        return refined, {}
+
+
+def test_invalid_refined_mask_keeps_network_mask(forms_dir, weights_dir, tmp_path, monkeypatch):
+    import fetuskit.inference as inference
+
+    monkeypatch.setattr(inference, "_build_refiner", lambda manifest, enabled, device: _BrokenRefiner())
+    out_dir = tmp_path / "out"
+
+    assert run(["--input", str(forms_dir), "--out-dir", str(out_dir), "--weights", str(weights_dir)]) == 0
+
+    expected_views = {"gray": 0, "rgb_last": 1, "rgb_first": 2, "gray16": 3, "float": 0, "wide": 0}
+    for stem, view in expected_views.items():
+        mask, _ = read_prediction(out_dir / f"{stem}.h5")
+        assert mask.shape == ((480, 640) if stem == "wide" else (40, 48)), stem
+        assert CLASS_MASK[view][mask].all(), stem
+    failures = {entry["name"]: entry["reason"] for entry in read_report(out_dir)["refiner_failures"]}
+    assert sorted(failures) == sorted(f"{stem}.h5" for stem in expected_views)
+    assert "shape (512, 512)" in failures["wide.h5"]
+    assert "class 14" in failures["gray.h5"]
