@@ -185,7 +185,9 @@ def _drop_repeated_entries(cases: list[Case]) -> list[Case]:
         repeats[key] += 1
     for key, count in repeats.items():
         if count > 1:
-            logger.warning("%s is listed %d times with the same label and view; keeping one entry", kept[key].image, count)
+            logger.warning(
+                "%s is listed %d times with the same label and view; keeping one entry", kept[key].image, count
+            )
     return list(kept.values())
 
 

@@ -517,7 +517,8 @@ class _BatchRunner:
             # Resizing to a very large input can run out of memory. One image must not stop the run.
             except Exception as error:  # noqa: BLE001
                 logger.error("post-processing failed for %s: %s", item.case.image, error)
-                self.write_fallback(item.case, item.image.shape, f"post-processing failed: {type(error).__name__}: {error}")
+                reason = f"post-processing failed: {type(error).__name__}: {error}"
+                self.write_fallback(item.case, item.image.shape, reason)
                 continue
             if self._write(item.case, mask, label):
                 self.report.predicted += 1
@@ -569,7 +570,8 @@ def _checked_refined_mask(refined: Any, shape: tuple[int, int], view: int) -> np
         raise ValueError(f"refined mask has dtype {mask.dtype} or values outside 0..{NUM_CLASSES - 1}")
     forbidden = sorted(set(np.unique(mask).tolist()) - set(np.flatnonzero(CLASS_MASK[view]).tolist()))
     if forbidden:
-        raise ValueError(f"refined mask contains class {', '.join(map(str, forbidden))}, which view {VIEW_NAMES[view]} does not allow")
+        classes = ", ".join(map(str, forbidden))
+        raise ValueError(f"refined mask contains class {classes}, which view {VIEW_NAMES[view]} does not allow")
     return mask.astype(np.uint8)
 
 
