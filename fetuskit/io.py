@@ -225,7 +225,8 @@ def write_prediction(out_dir: str | os.PathLike, name: str, mask: np.ndarray, la
 
     out_dir = Path(out_dir)
     target = out_dir / name
-    descriptor, temp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
+    # A short prefix keeps the temporary name valid when ``name`` is near the 255-byte limit.
+    descriptor, temp_name = tempfile.mkstemp(prefix=f".{name[:64]}.", suffix=".tmp", dir=out_dir)
     os.close(descriptor)
     temp_path = Path(temp_name)
     try:

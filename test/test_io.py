@@ -408,3 +408,12 @@ def test_float_255_scale_with_low_maximum(tmp_path, write_h5):
     image = np.array([[0.0, 1.0], [2.0, 3.0]], dtype=np.float32)
     case = read_image(write_h5(tmp_path / "dark.h5", image=image))
     np.testing.assert_array_equal(case.image, (image.astype(np.float64) / 255.0).astype(np.float32))
+
+
+def test_write_prediction_long_valid_name(tmp_path):
+    # 250 characters is a valid name on common file systems (at most 255 bytes), but not
+    # with the temporary file's prefix and suffix around it.
+    name = "c" * 247 + ".h5"
+    written = write_prediction(tmp_path, name, np.zeros((3, 4), np.uint8), np.zeros(7, np.uint8))
+    assert written == tmp_path / name
+    assert sorted(path.name for path in tmp_path.iterdir()) == [name]
