@@ -169,8 +169,8 @@ def seg_logits(model: torch.nn.Module, cases) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="Folder for data and runs; default a temporary folder.")
-    parser.add_argument("--stage1-iterations", type=int, default=800)
-    parser.add_argument("--stage2-iterations", type=int, default=600)
+    parser.add_argument("--stage1-iterations", type=int, default=1200)
+    parser.add_argument("--stage2-iterations", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -198,17 +198,22 @@ def main() -> None:
     stage1_path = root / "stage1" / "best.pt"
     print(f"stage 1 done after {time.perf_counter() - started:.0f} s")
 
+    multiscale = json.dumps({"chd_head": "multiscale", "chd_head_areas": True})
+    # Run folder, overrides. Stage-2 defaults: BCE with positive weights, uniform sampling.
     variants = {
-        "stage 2, pooled head, ASL": {},
-        "stage 2, multiscale head + areas, ASL": {"chd_head": "multiscale", "chd_head_areas": True},
+        "stage 2, pooled head, BCE": ("stage2_pooled", []),
+        "stage 2, multiscale head + areas, BCE": ("stage2_multiscale", [f"stage2.head_options={multiscale}"]),
+        "stage 2, multiscale head + areas, ASL + sampler + pseudo-labels": ("stage2_multiscale_asl", [
+            f"stage2.head_options={multiscale}", "stage2.loss=asl", "stage2.sampler_power=1.0",
+            "stage2.pseudo_weight=0.5",
+        ]),
     }
-    for name, head_options in variants.items():
+    for name, (folder, overrides) in variants.items():
         config = load_config(None, [
             *common, "stage=stage2", f"schedule.iterations={args.stage2_iterations}", "optim.group_lr={}",
-            "teacher.decay=0.99", f"stage2.head_options={json.dumps(head_options)}",
+            "optim.lr=0.003", "teacher.decay=0.99", *overrides,
         ])
-        run_dir = root / ("stage2_" + ("multiscale" if head_options else "pooled"))
-        train_stage2(config, stage1_path, folders["train"], folders["unlabelled"], folders["val"], run_dir)
+        train_stage2(config, stage1_path, folders["train"], folders["unlabelled"], folders["val"], root / folder)
         print(f"{name} done after {time.perf_counter() - started:.0f} s")
 
     validation = load_labelled(load_case_list(folders["val"]), SIZE)
@@ -218,9 +223,8 @@ def main() -> None:
 
     rows = [("stage 1 (joint, pooled head)", score(stage1_model, test), True)]
     best_name, best_model, best_f1 = None, None, -1.0
-    for name, head_options in variants.items():
-        run_dir = root / ("stage2_" + ("multiscale" if head_options else "pooled"))
-        model, info = load_checkpoint(run_dir / "best.pt")
+    for name, (folder, _) in variants.items():
+        model, info = load_checkpoint(root / folder / "best.pt")
         identical = torch.equal(seg_logits(model, test), reference_seg)
         rows.append((f"{name} ({info['stage']})", score(model, test), identical))
         validation_f1 = info["metrics"]["macro_f1"]

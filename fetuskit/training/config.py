@@ -155,8 +155,10 @@ class Stage2Config:
     # Model config values applied on top of the --init checkpoint's config; only CHD head keys
     # may change (e.g. {"chd_head": "multiscale", "chd_head_areas": true}).
     head_options: dict[str, Any] = field(default_factory=dict)
-    # "bce" (weighted by loss.chd_pos_weight) or "asl" (asymmetric loss).
-    loss: str = "asl"
+    # "bce" (weighted by loss.chd_pos_weight) or "asl" (asymmetric loss). The defaults (BCE,
+    # uniform sampling, no pseudo-labels) scored best in benchmarks/chd_synthetic.py; ASL or
+    # the sampler on top of the BCE positive weights over-predicted positives there.
+    loss: str = "bce"
     asl_gamma_negative: float = 4.0
     asl_gamma_positive: float = 0.0
     # Probability shift that discards easy negatives in the asymmetric loss.
@@ -164,14 +166,14 @@ class Stage2Config:
     # Sampling weight of a labelled case: (cases in its view / positives of its rarest allowed
     # positive label in that view) ** power, at most sampler_max_weight; 1 without positives.
     # 0 samples uniformly.
-    sampler_power: float = 1.0
+    sampler_power: float = 0.0
     sampler_max_weight: float = 20.0
     # Teacher CHD probabilities at or above / at or below these become pseudo-labels on
     # unlabelled images, in the slots their view allows only.
     pseudo_positive_threshold: float = 0.8
     pseudo_negative_threshold: float = 0.2
     # Weight of the pseudo-label loss; 0 skips the unlabelled images.
-    pseudo_weight: float = 0.5
+    pseudo_weight: float = 0.0
 
 
 @dataclass
