@@ -6,6 +6,9 @@ output does not change by a single bit. The CHD head is re-initialised and may b
 another kind (``stage2.head_options``, see ``fetuskit.models.chd_heads``). The generic trainer
 runs :class:`CHDFineTuneTask`. With the segmentation fixed, its validation score differs
 between checkpoints only through the view-masked macro F1, so ``best.pt`` is the best-F1 head.
+
+NOTE: bit-identical segmentation is tested on CPU only. On CUDA the weights and BatchNorm
+statistics stay identical too, but non-deterministic cuDNN kernels may differ between calls.
 """
 
 from __future__ import annotations
