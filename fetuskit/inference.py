@@ -466,7 +466,8 @@ def _read_ahead(
     window = max(2 * batch_size, workers)
     remaining = iter(cases)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read-ahead") as pool:
-        queue: deque[Future] = deque(pool.submit(_prepare, case, size) for case, _ in zip(remaining, range(window)))
+        # range comes first: zip stops on it without taking, and losing, one more case.
+        queue: deque[Future] = deque(pool.submit(_prepare, case, size) for _, case in zip(range(window), remaining))
         while queue:
             result = queue.popleft().result()
             following = next(remaining, None)
