@@ -9,6 +9,7 @@ import torch
 from fetuskit.refine.prompts import (
     box_with_margin,
     class_prompts,
+    enclosed_region,
     interior_point,
     largest_component,
     probability_to_logits,
@@ -88,3 +89,46 @@ def test_probability_to_logits_values():
     assert logits[1].item() == 0.0
     assert logits[2].item() == pytest.approx(np.log(4.0), abs=1e-5)
     assert logits[3].item() == pytest.approx(8.0, abs=1e-4)
+
+
+def _ring_scene() -> np.ndarray:
+    # A thoracic cavity ring (7) around a heart (5) with one chamber (2), and a stray
+    # blob of class 3 outside the ring.
+    coarse = np.zeros((30, 40), np.uint8)
+    coarse[4:26, 6:34] = 7
+    coarse[9:21, 12:28] = 5
+    coarse[12:16, 15:19] = 2
+    coarse[1:3, 36:39] = 3
+    return coarse
+
+
+def test_enclosed_region_fills_ring():
+    coarse = _ring_scene()
+    region = enclosed_region(coarse, 7)
+    assert region.sum() == 22 * 28
+    assert region[4:26, 6:34].all()
+    assert not region[1:3, 36:39].any()
+
+
+def test_enclosed_region_fills_open_gap_inside_ring():
+    coarse = _ring_scene()
+    # A background hole between ring and heart is filled as well.
+    coarse[6, 10] = 0
+    assert enclosed_region(coarse, 7).sum() == 22 * 28
+
+
+def test_enclosed_region_absent_class_is_empty():
+    assert not enclosed_region(_ring_scene(), 9).any()
+
+
+def test_enclosing_class_prompt_uses_filled_region():
+    coarse = _ring_scene()
+    prompts, skipped = class_prompts(coarse, [5, 7], margin=1, min_area=1, use_point=True, enclosing_classes=(7,))
+    assert skipped == {}
+    heart, cavity = prompts
+    assert heart.component.sum() == 12 * 16 - 4 * 4
+    assert cavity.component.sum() == 22 * 28
+    assert cavity.box.tolist() == [5.0, 3.0, 34.0, 26.0]
+    # The interior point of the filled region is its centre, inside the heart, whereas the
+    # ring alone would put it on the ring.
+    assert coarse[int(cavity.point[1]), int(cavity.point[0])] in (2, 5)

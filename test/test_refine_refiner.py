@@ -267,3 +267,53 @@ def test_probabilities_decide_overlaps():
     refined, _ = refiner.refine(image, coarse, probabilities)
     assert refined[20, 28] == 2
     assert refined[20, 15] == 1
+
+
+def test_compose_enclosing_region_yields_to_inner_classes():
+    # Ring 7 around heart 5. The refined cavity is the filled region; the refined heart
+    # grows by one pixel into the ring, where class 7 has the higher probability.
+    coarse = np.array([[7, 7, 7, 7, 7, 7]], np.uint8)
+    coarse[0, 2:4] = 5
+    priority = np.zeros((15, 1, 6), np.float32)
+    priority[5] = [[0.0, 0.2, 0.9, 0.9, 0.2, 0.0]]
+    priority[7] = [[0.9, 0.8, 0.1, 0.1, 0.8, 0.9]]
+    accepted = {5: np.array([[False, True, True, True, False, False]]), 7: np.ones((1, 6), bool)}
+    assert compose_label_map(coarse, accepted, priority, enclosing_classes=(7,)).tolist() == [[7, 5, 5, 5, 7, 7]]
+    # Without the enclosing rule the ring's higher probability takes the pixel back.
+    assert compose_label_map(coarse, accepted, priority).tolist() == [[7, 7, 5, 5, 7, 7]]
+
+
+def test_compose_rejected_enclosing_class_keeps_priority():
+    coarse = np.array([[7, 5, 5, 7]], np.uint8)
+    priority = np.zeros((15, 1, 4), np.float32)
+    priority[5] = [[0.2, 0.9, 0.9, 0.2]]
+    priority[7] = [[0.8, 0.1, 0.1, 0.8]]
+    accepted = {5: np.ones((1, 4), bool)}
+    assert compose_label_map(coarse, accepted, priority, enclosing_classes=(7,)).tolist() == [[7, 5, 5, 7]]
+
+
+def test_enclosing_class_refines_outer_boundary():
+    refiner, painter = _refiner(grow=0.0, margin=0, min_dice=0.9, classes=(5, 7), enclosing_classes=(7,))
+    image = np.zeros((40, 60), np.float32)
+    coarse = np.zeros((40, 60), np.uint8)
+    coarse[5:35, 10:50] = 7
+    coarse[12:28, 20:40] = 5
+    refined, report = refiner.refine(image, coarse, view=0)
+    # The cavity prompt is the box of the filled region, and its Dice is taken against that
+    # region, so the painted box passes the 0.9 check that the ring alone would fail.
+    assert report["classes"][7]["box"] == [10.0, 5.0, 49.0, 34.0]
+    assert report["classes"][7]["dice_with_coarse"] > 0.95
+    assert report["classes"][7]["accepted"]
+    # The heart keeps exactly the pixels it gets when refined alone, and the cavity takes
+    # the rest of its filled mask, so no pixel inside the cavity becomes background.
+    heart_refiner, _ = _refiner(grow=0.0, margin=0, min_dice=0.9, classes=(5,))
+    heart_alone, _ = heart_refiner.refine(image, coarse, view=0)
+    np.testing.assert_array_equal(refined == 5, heart_alone == 5)
+    assert (refined == 5).sum() < (coarse == 5).sum()
+    # Heart pixels that the refined heart drops go to the cavity, not to background.
+    assert (refined[8:32, 13:47] > 0).all()
+
+
+def test_config_rejects_background_enclosing_class():
+    with pytest.raises(ValueError, match="enclosing_classes"):
+        RefinerConfig(enclosing_classes=(0,))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from fetuskit.refine import build_refiner, load_segmenter
 from fetuskit.refine.litemedsam import packaged_weights_path
 from fetuskit.refine.perturb import blob_noise, elastic_warp, erode_or_dilate, jitter_box, perturb_mask
 from fetuskit.refine.sam_med2d import SamMed2DConfig, build_sam_med2d
-from fetuskit.refine.training import RefinerTrainingConfig, RefinerTrainingError
+from fetuskit.refine.training import RefinerTrainingConfig, RefinerTrainingError, _prompt_batch
 from fetuskit.refine.weights import save_weights
 from train.cli import _register_commands, app
 
@@ -163,3 +164,25 @@ def test_convert_weights_command_reports_wrong_kind(tmp_path):
     result = CliRunner().invoke(app, ["convert-weights", str(source), str(tmp_path / "slim.pt"), "--kind", "sam-med2d"])
     assert result.exit_code == 2
     assert "missing keys" in result.output
+
+
+def test_enclosing_class_trains_on_filled_region():
+    mask = np.zeros((40, 50), np.uint8)
+    mask[5:35, 5:45] = 7
+    mask[12:28, 15:35] = 5
+    item = types.SimpleNamespace(mask=mask, classes=[5, 7])
+    config = RefinerTrainingConfig(backend="litemedsam", enclosing_classes=(7,), max_shift=0, box_jitter=0.0)
+    boxes, _, _, targets = _prompt_batch(item, np.random.default_rng(0), config)
+    # Prompts come sorted by class id: the heart first, then the filled cavity.
+    assert targets[0].sum() == 16 * 20
+    assert targets[1].sum() == 30 * 40
+    assert targets[1][12:28, 15:35].all()
+
+    plain = RefinerTrainingConfig(backend="litemedsam", max_shift=0, box_jitter=0.0)
+    _, _, _, ring_targets = _prompt_batch(item, np.random.default_rng(0), plain)
+    assert ring_targets[1].sum() == 30 * 40 - 16 * 20
+
+
+def test_training_config_rejects_background_enclosing_class():
+    with pytest.raises(RefinerTrainingError, match="enclosing_classes"):
+        RefinerTrainingConfig(enclosing_classes=(0,))

@@ -47,6 +47,10 @@ def refiner_command(
     max_shift: Annotated[int, typer.Option(help="Largest boundary shift of the mask perturbations, in pixels.")] = 3,
     use_point: Annotated[bool, typer.Option(help="Add the interior point as a positive click.")] = False,
     use_mask_prompt: Annotated[bool, typer.Option(help="Pass the perturbed mask as a mask prompt.")] = False,
+    enclosing_class: Annotated[
+        list[int] | None,
+        typer.Option(help="Class trained on the filled region it outlines, e.g. 7 (thoracic cavity); repeatable."),
+    ] = None,
     train_adapters: Annotated[
         bool, typer.Option(help="Also train SAM-Med2D's encoder adapters (encodes every step, slow on CPU).")
     ] = False,
@@ -66,6 +70,7 @@ def refiner_command(
             max_shift=max_shift,
             use_point=use_point,
             use_mask_prompt=use_mask_prompt,
+            enclosing_classes=tuple(enclosing_class or ()),
             train_adapters=train_adapters,
             max_cases=max_cases,
             seed=seed,

@@ -74,8 +74,30 @@ def interior_point(component: np.ndarray) -> np.ndarray:
     return np.array([col, row], dtype=np.float32)
 
 
+def enclosed_region(labels: np.ndarray, class_id: int) -> np.ndarray:
+    """Return the (H, W) bool region that ``class_id`` outlines in a label map, holes filled.
+
+    The region is the foreground (every label > 0) with its holes filled, reduced to the
+    8-connected components that contain a pixel of ``class_id``. For the thoracic cavity of a
+    four-chamber view, a ring around the heart, this is the filled thorax: cavity, heart,
+    chambers and descending aorta. An absent class gives an all-False region.
+    """
+    own = labels == class_id
+    if not own.any():
+        return np.zeros(labels.shape, dtype=bool)
+    filled = ndimage.binary_fill_holes(labels > 0)
+    components, _ = ndimage.label(filled, structure=_EIGHT_CONNECTED)
+    touched = np.unique(components[own])
+    return np.isin(components, touched[touched > 0])
+
+
 def class_prompts(
-    coarse: np.ndarray, classes: list[int], margin: int, min_area: int, use_point: bool
+    coarse: np.ndarray,
+    classes: list[int],
+    margin: int,
+    min_area: int,
+    use_point: bool,
+    enclosing_classes: tuple[int, ...] = (),
 ) -> tuple[list[ClassPrompt], dict[int, str]]:
     """Build one prompt per requested class present in ``coarse``.
 
@@ -85,6 +107,8 @@ def class_prompts(
         margin: pixels added to every side of the box before clipping to the image.
         min_area: a class whose largest component has fewer pixels is skipped.
         use_point: add the interior point of the largest component as a positive click.
+        enclosing_classes: classes prompted with their ``enclosed_region`` instead of their
+            own pixels, so the box, the point and ``component`` describe the filled region.
 
     Returns:
         The prompts, and a dict class id -> reason for each requested class that got none
@@ -93,11 +117,12 @@ def class_prompts(
     prompts: list[ClassPrompt] = []
     skipped: dict[int, str] = {}
     for class_id in classes:
-        component = largest_component(coarse == class_id)
-        area = int(component.sum())
-        if area == 0:
+        if not (coarse == class_id).any():
             skipped[class_id] = "absent"
             continue
+        region = enclosed_region(coarse, class_id) if class_id in enclosing_classes else coarse == class_id
+        component = largest_component(region)
+        area = int(component.sum())
         if area < min_area:
             skipped[class_id] = f"smaller than min_area ({area} < {min_area} pixels)"
             continue

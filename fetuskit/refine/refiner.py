@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,11 @@ class RefinerConfig:
         min_dice: lowest Dice between the refined mask and the coarse component.
         classes: class ids to refine. Ring-like classes (5 heart, 7 thoracic cavity) and thin
             vessels can be left out here when a box prompt fills or breaks them.
+        enclosing_classes: classes refined as the filled region they outline (see
+            ``fetuskit.refine.prompts.enclosed_region``): the prompt and the Dice check use
+            that region, and in composition an accepted region yields to every other class,
+            so it only decides the outer boundary. Meant for the thoracic cavity (7), a ring
+            that a box prompt turns into the filled thorax.
         use_point: add the component's interior point as a positive click. NOTE: LiteMedSAM
             was trained with boxes only, and on a synthetic ellipse a click made its mask
             worse (Dice with the coarse mask 0.21, rejected), so keep it off there.
@@ -56,6 +61,7 @@ class RefinerConfig:
     min_predicted_iou: float = 0.5
     min_dice: float = 0.7
     classes: tuple[int, ...] = tuple(range(1, NUM_CLASSES))
+    enclosing_classes: tuple[int, ...] = ()
     use_point: bool = False
     use_mask_prompt: bool = False
     mask_logit_limit: float = 8.0
@@ -64,9 +70,11 @@ class RefinerConfig:
     def __post_init__(self) -> None:
         get_backend(self.backend)
         self.classes = tuple(int(c) for c in self.classes)
-        invalid = [c for c in self.classes if not 1 <= c < NUM_CLASSES]
-        if invalid:
-            raise ValueError(f"classes {invalid} are not foreground classes: expected ids 1..{NUM_CLASSES - 1}")
+        self.enclosing_classes = tuple(int(c) for c in self.enclosing_classes)
+        for name, values in (("classes", self.classes), ("enclosing_classes", self.enclosing_classes)):
+            invalid = [c for c in values if not 1 <= c < NUM_CLASSES]
+            if invalid:
+                raise ValueError(f"{name} {invalid} are not foreground classes: expected ids 1..{NUM_CLASSES - 1}")
         if self.margin < 0 or self.min_area < 1:
             raise ValueError(f"margin must be >= 0 and min_area >= 1, got {self.margin} and {self.min_area}")
 
@@ -127,7 +135,12 @@ class Refiner:
         self._check_inputs(image, coarse, probabilities, view)
         classes = [c for c in self.config.classes if view is None or CLASS_MASK[view, c]]
         prompts, skipped = class_prompts(
-            coarse, classes, self.config.margin, self.config.min_area, self.config.use_point
+            coarse,
+            classes,
+            self.config.margin,
+            self.config.min_area,
+            self.config.use_point,
+            self.config.enclosing_classes,
         )
         report: dict[str, Any] = {
             "backend": self.config.backend,
@@ -148,7 +161,7 @@ class Refiner:
                 accepted[prompt.class_id] = decoded.masks[index]
             report["classes"][prompt.class_id] = entry
 
-        refined = compose_label_map(coarse, accepted, priority)
+        refined = compose_label_map(coarse, accepted, priority, self.config.enclosing_classes)
         report["changed_pixels"] = int((refined != coarse).sum())
         return refined, report
 
@@ -233,19 +246,28 @@ def box_mask(box: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def compose_label_map(
-    coarse: np.ndarray, accepted: Mapping[int, np.ndarray], priority: np.ndarray
+    coarse: np.ndarray,
+    accepted: Mapping[int, np.ndarray],
+    priority: np.ndarray,
+    enclosing_classes: Collection[int] = (),
 ) -> np.ndarray:
     """Merge accepted refined masks with the coarse map into one (H, W) uint8 label map.
 
     Each foreground class claims the pixels of its accepted refined mask, or of its coarse
     mask when it has none. A pixel claimed by several classes takes the one with the highest
-    ``priority`` (15, H, W) there, and on equal priority the lowest class id. A pixel that no
-    class claims is background. With no accepted mask the result equals ``coarse``.
+    ``priority`` (15, H, W, values in [0, 1]) there, and on equal priority the lowest class
+    id. An accepted mask of a class in ``enclosing_classes`` is a filled region and loses
+    every such contest, so the classes inside it keep their pixels. A pixel that no class
+    claims is background. With no accepted mask the result equals ``coarse``.
     """
     claims = np.zeros((NUM_CLASSES, *coarse.shape), dtype=bool)
     for class_id in range(1, NUM_CLASSES):
         claims[class_id] = accepted[class_id] if class_id in accepted else coarse == class_id
     score = np.where(claims, priority, -np.inf)
+    for class_id in enclosing_classes:
+        if class_id in accepted:
+            # Priorities lie in [0, 1], so shifting by 2 ranks this claim below all others.
+            score[class_id] -= 2.0
     label = np.argmax(score, axis=0).astype(np.uint8)
     label[~claims.any(axis=0)] = 0
     return label

@@ -26,7 +26,7 @@ from fetuskit.cases import load_cases
 from fetuskit.io import read_image, read_label
 from fetuskit.labels import NUM_CLASSES
 from fetuskit.refine.perturb import jitter_box, perturb_mask
-from fetuskit.refine.prompts import box_with_margin, interior_point, largest_component
+from fetuskit.refine.prompts import box_with_margin, enclosed_region, interior_point, largest_component
 from fetuskit.refine.refiner import RefinerConfig, box_mask, mask_prompt_logits
 from fetuskit.refine.segmenter import InputFrame, PromptableSegmenter, prepare_input
 from fetuskit.refine.weights import get_backend, load_state_dict_strict, resolve_weights, save_weights
@@ -58,6 +58,8 @@ class RefinerTrainingConfig:
         box_jitter: largest move of each box side, as a fraction of the box size.
         min_area: classes with fewer ground-truth pixels are not trained on.
         use_point, use_mask_prompt: prompts as in ``RefinerConfig``.
+        enclosing_classes: classes trained on the filled region they outline, as in
+            ``RefinerConfig.enclosing_classes``; use the same setting when refining.
         train_adapters: also train SAM-Med2D's encoder adapters (encodes every step).
         max_cases: use only the first N labelled cases (None: all).
         seed: seed of numpy and torch generators.
@@ -76,6 +78,7 @@ class RefinerTrainingConfig:
     min_area: int = 16
     use_point: bool = False
     use_mask_prompt: bool = False
+    enclosing_classes: tuple[int, ...] = ()
     train_adapters: bool = False
     max_cases: int | None = None
     seed: int = 0
@@ -83,6 +86,12 @@ class RefinerTrainingConfig:
 
     def __post_init__(self) -> None:
         get_backend(self.backend)
+        self.enclosing_classes = tuple(int(c) for c in self.enclosing_classes)
+        invalid = [c for c in self.enclosing_classes if not 1 <= c < NUM_CLASSES]
+        if invalid:
+            raise RefinerTrainingError(
+                f"enclosing_classes {invalid} are not foreground classes: expected ids 1..{NUM_CLASSES - 1}"
+            )
         if self.train_adapters and self.backend != "sam-med2d":
             raise RefinerTrainingError(f"train_adapters needs the sam-med2d backend, got {self.backend!r}")
         if self.epochs < 1 or self.prompts_per_image < 1:
@@ -155,7 +164,7 @@ def _prompt_batch(item: _TrainingImage, rng: np.random.Generator, config: Refine
     classes = sorted(int(c) for c in rng.choice(item.classes, size=count, replace=False))
     boxes, points, coarse_maps, targets = [], [], [], []
     for class_id in classes:
-        truth = item.mask == class_id
+        truth = enclosed_region(item.mask, class_id) if class_id in config.enclosing_classes else item.mask == class_id
         coarse = largest_component(perturb_mask(truth, rng, config.max_shift))
         box = jitter_box(box_with_margin(coarse, config.margin), rng, config.box_jitter, truth.shape)
         boxes.append(box)
@@ -252,6 +261,7 @@ def train_refiner(source: str | Path, out_dir: str | Path, config: RefinerTraini
         min_area=config.min_area,
         use_point=config.use_point,
         use_mask_prompt=config.use_mask_prompt,
+        enclosing_classes=tuple(config.enclosing_classes),
         device=config.device,
     )
     (out_dir / REFINER_CONFIG_FILE).write_text(json.dumps(refiner_config.to_dict(), indent=2))
