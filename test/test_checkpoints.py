@@ -175,3 +175,10 @@ def test_export_command_writes_manifest(tmp_path):
     verify_checksums(manifest)
     assert [m.checkpoint for m in manifest.members] == ["run0.pt", "run1.pt"]
     assert list(manifest.chd_thresholds) == THRESHOLDS
+
+
+def test_equal_checkpoints_have_equal_bytes(tmp_path):
+    model = build_tiny("timm-unet")
+    first = save_checkpoint(tmp_path / "a" / "model.pt", model, stage="stage1", thresholds=THRESHOLDS)
+    second = save_checkpoint(tmp_path / "b" / "model.pt", model, stage="stage1", thresholds=THRESHOLDS)
+    assert first.read_bytes() == second.read_bytes()

@@ -90,13 +90,16 @@ def save_checkpoint(
 def write_payload(path: Path, payload: dict[str, Any]) -> None:
     """Write a checkpoint dict with ``torch.save`` to a temporary name in the same folder, then rename.
 
-    A crash therefore never leaves a partial file at ``path``.
+    A crash therefore never leaves a partial file at ``path``. The dict is written through an
+    open file, not the temporary path, because ``torch.save`` names its archive after a path
+    and the random temporary name would make equal checkpoints differ in their bytes and
+    checksums.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
     try:
-        torch.save(payload, temporary)
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(payload, stream)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
