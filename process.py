@@ -24,24 +24,36 @@ from fetuskit.offline import configure_offline_environment  # noqa: E402
 configure_offline_environment()
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "model_weights"
+DEFAULT_DATA_JSON = Path("data/valid.json")
 
 logger = logging.getLogger("process")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults in the help, except None, whose meaning the option's own help explains."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Predict FETUS 2026 segmentation masks and CHD labels, one .h5 file per input image.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
-    parser.add_argument("--data-json", type=Path, default=Path("data/valid.json"),
-                        help="case list, a JSON array of {\"image\": path}; when it is missing, the .h5 "
-                             "files in its folder are processed instead")
+    parser.add_argument("--data-json", type=Path, default=None,
+                        help="case list, a JSON array of {\"image\": path}; default: data/valid.json, and "
+                             "when that default is missing, the .h5 files in data/ (or data/images/) are "
+                             "processed instead, as the challenge container expects. A list named here must exist")
     parser.add_argument("--input", type=Path, default=None, metavar="DIR",
                         help="folder of .h5 images to process instead of --data-json")
     parser.add_argument("--out-dir", type=Path, default=Path("output"),
                         help="folder for the <basename>.h5 predictions, run_settings.json and run_report.json")
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, metavar="DIR",
-                        help="folder with manifest.json and the checkpoints it lists")
+    parser.add_argument("--weights", type=Path, default=None, metavar="DIR",
+                        help="folder with manifest.json and the checkpoints it lists; default: the "
+                             "model_weights folder next to process.py")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where the networks run; auto uses CUDA when available")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
@@ -65,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
 
     config = InferenceConfig(
         out_dir=arguments.out_dir,
-        weights_dir=arguments.weights,
-        data_json=arguments.data_json,
+        weights_dir=arguments.weights or DEFAULT_WEIGHTS,
+        data_json=arguments.data_json or DEFAULT_DATA_JSON,
+        data_json_fallback=arguments.data_json is None,
         input_dir=arguments.input,
         device=arguments.device,
         batch_size=arguments.batch_size,

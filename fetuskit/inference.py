@@ -63,6 +63,9 @@ class InferenceConfig:
         out_dir: folder for ``<basename>.h5`` predictions and the run's JSON files.
         weights_dir: folder with ``manifest.json`` and the checkpoints it lists.
         data_json: case list, a JSON array of ``{"image": path}``; used unless ``input_dir`` is set.
+        data_json_fallback: when ``data_json`` does not exist, process the ``.h5`` files in its
+            folder instead, as the organisers' template expects of the default path. A case list
+            the user names explicitly should be strict, so that a typo stops the run.
         input_dir: folder of ``.h5`` images to process instead of ``data_json``.
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda"``.
         batch_size: images per forward pass.
@@ -76,6 +79,7 @@ class InferenceConfig:
     out_dir: Path = Path("output")
     weights_dir: Path = Path("model_weights")
     data_json: Path = Path("data/valid.json")
+    data_json_fallback: bool = True
     input_dir: Path | None = None
     device: str = "auto"
     batch_size: int = 8
@@ -254,8 +258,9 @@ def output_name(case: Case) -> str:
 def resolve_cases(config: InferenceConfig) -> tuple[list[Case], str]:
     """Return the cases to predict and a description of where they came from.
 
-    ``input_dir`` wins over ``data_json``. A missing ``data_json`` whose folder (or its
-    ``images`` subfolder) contains ``.h5`` files falls back to that folder, with a warning.
+    ``input_dir`` wins over ``data_json``. With ``data_json_fallback``, a missing ``data_json``
+    whose folder (or its ``images`` subfolder) contains ``.h5`` files falls back to that folder,
+    with a warning; without it, a missing ``data_json`` is an error.
     Image paths of a JSON list are resolved as given, then relative to the list's folder, then
     by basename in the list's folder and its ``images`` subfolder. A listed image that is not
     found still becomes a case, so it gets a fallback output instead of stopping the run.
@@ -270,6 +275,12 @@ def resolve_cases(config: InferenceConfig) -> tuple[list[Case], str]:
             raise InferenceSetupError(f"input folder not found: {source}. Pass --input with a folder of .h5 images.")
     elif Path(config.data_json).is_file():
         source = Path(config.data_json)
+    elif not config.data_json_fallback:
+        kind = "a folder, not a file" if Path(config.data_json).is_dir() else "not found"
+        raise InferenceSetupError(
+            f"case list {config.data_json} is {kind}. Pass --data-json with a JSON list of "
+            '{"image": path} entries, or --input with a folder of .h5 images.'
+        )
     else:
         source = _image_folder_near(Path(config.data_json))
         logger.warning("case list %s not found; processing the .h5 files in %s instead", config.data_json, source)
