@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -182,3 +184,40 @@ def test_equal_checkpoints_have_equal_bytes(tmp_path):
     first = save_checkpoint(tmp_path / "a" / "model.pt", model, stage="stage1", thresholds=THRESHOLDS)
     second = save_checkpoint(tmp_path / "b" / "model.pt", model, stage="stage1", thresholds=THRESHOLDS)
     assert first.read_bytes() == second.read_bytes()
+
+
+def test_import_baseline_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from fetuskit.models.foreign import _ECHOCARE_BASELINE_PREFIXES
+    from train.cli import _register_commands, app
+
+    _register_commands()
+    ours = build_tiny("echocare", seed=3)
+    baseline = {}
+    for key, value in ours.state_dict().items():
+        if key.startswith("view_head."):
+            continue
+        for theirs, prefix in _ECHOCARE_BASELINE_PREFIXES:
+            if key.startswith(prefix):
+                baseline[theirs + key[len(prefix):]] = value
+                break
+    source = tmp_path / "best.pth"
+    torch.save({"model": baseline, "optimizer": {"state": {}, "param_groups": []}, "epoch": 3}, source)
+    options = [f"--option={key}={json.dumps(value)}" for key, value in tiny_config("echocare").items()]
+
+    result = CliRunner().invoke(app, ["import-baseline", str(source), str(tmp_path / "echocare.pt"), *options])
+    assert result.exit_code == 0, result.output
+    imported, info = load_checkpoint(tmp_path / "echocare.pt")
+    assert info["stage"] == "baseline"
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(imported(x).seg, ours(x).seg, rtol=0, atol=0)
+        torch.testing.assert_close(imported(x).chd, ours(x).chd, rtol=0, atol=0)
+
+    del baseline[next(iter(baseline))]
+    torch.save({"model": baseline}, source)
+    result = CliRunner().invoke(app, ["import-baseline", str(source), str(tmp_path / "bad.pt"), *options])
+    assert result.exit_code == 2
+    assert "missing" in result.output
+    assert not (tmp_path / "bad.pt").exists()

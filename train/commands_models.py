@@ -8,7 +8,10 @@ from pathlib import Path
 import typer
 
 from fetuskit.models import build_model, count_parameters, registered_models, tiny_config
-from fetuskit.models.checkpoint import export_checkpoint
+from fetuskit.models.checkpoint import export_checkpoint, save_checkpoint
+from fetuskit.models.foreign import load_echocare_baseline
+from fetuskit.models.registry import build_from_config
+from fetuskit.models.state import StateDictMismatchError
 from fetuskit.weights_manifest import MANIFEST_NAME, load_manifest, write_manifest
 from train.cli import app
 
@@ -64,3 +67,40 @@ def export_weights(
         size_mb = manifest.checkpoint_path(member).stat().st_size / 1e6
         typer.echo(f"{member.checkpoint}: {size_mb:.1f} MB, sha256 {member.sha256}")
     typer.echo(f"wrote {out / MANIFEST_NAME}")
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator or not key:
+            raise typer.BadParameter(f"--option takes KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+@app.command("import-baseline")
+def import_baseline(
+    source: Path = typer.Argument(..., help="The organisers' baseline checkpoint (best.pth or latest.pth with ckpt['model'])."),
+    destination: Path = typer.Argument(..., help="fetuskit checkpoint to write; `train export` turns it into a weights folder."),
+    option: list[str] = typer.Option(
+        None, "--option", help="echocare config override KEY=VALUE (JSON value), e.g. input_size=256; repeatable."
+    ),
+) -> None:
+    """Import a FETUS 2026 baseline (Echocare_UniMatch) checkpoint as an ``echocare`` checkpoint.
+
+    Every baseline key must map onto ``echocare`` and load strictly; the baseline has no view
+    head, so ours keeps its initialisation. Optimiser state and other entries of the file are
+    ignored. The file is read with ``weights_only=True``.
+    """
+    model = build_from_config("echocare", _parse_options(option or []), load_weights=False)
+    try:
+        load_echocare_baseline(model, source)
+    except (FileNotFoundError, ValueError, StateDictMismatchError) as error:
+        typer.echo(f"error: cannot import {source}: {error}", err=True)
+        raise typer.Exit(code=2) from error
+    save_checkpoint(destination, model, stage="baseline", extra={"imported_from": source.name})
+    typer.echo(f"wrote {destination}")
