@@ -639,3 +639,18 @@ def test_invalid_refined_mask_keeps_network_mask(forms_dir, weights_dir, tmp_pat
     assert sorted(failures) == sorted(f"{stem}.h5" for stem in expected_views)
     assert "shape (512, 512)" in failures["wide.h5"]
     assert "class 14" in failures["gray.h5"]
+
+
+def test_more_cases_than_read_ahead_window(weights_dir, tmp_path):
+    # The read-ahead queue holds 2 batches; a run longer than that once dropped a case.
+    folder = tmp_path / "data"
+    for index in range(23):
+        write_image(folder / f"{index:02d}.h5", np.full((32, 36), 60 + index, dtype=np.uint8))
+    out_dir = tmp_path / "out"
+
+    code = process.main(["--input", str(folder), "--out-dir", str(out_dir), "--weights", str(weights_dir),
+                         "--device", "cpu", "--workers", "2", "--batch-size", "4"])
+
+    assert code == 0
+    assert sorted(path.name for path in out_dir.glob("*.h5")) == [f"{index:02d}.h5" for index in range(23)]
+    assert read_report(out_dir)["predicted"] == 23
