@@ -282,7 +282,10 @@ class _PngCase:
 
 
 def _find_cases(images_dir: Path, masks_dir: Path, config: ConvertConfig) -> list[_PngCase]:
-    images = sorted(images_dir.glob("*.png"))
+    if not images_dir.is_dir():
+        raise ConversionError([f"{images_dir}: images folder not found"])
+    # Scanners and exports write both .png and .PNG; both are images.
+    images = sorted(path for path in images_dir.iterdir() if path.suffix.lower() == ".png" and path.is_file())
     if not images:
         raise ConversionError([f"{images_dir}: no .png images found"])
     cases = []

@@ -234,3 +234,23 @@ def test_focus_bundled_mask_round_trip():
         assert original.shape == cardiac.shape
         worst = min(worst, _dice(original == 5, cardiac), _dice(original > 0, thorax))
     assert worst > 0.99
+
+
+def test_upper_case_png_converted(tmp_path):
+    image = np.full((6, 7), 90, np.uint8)
+    thorax = np.zeros((6, 7), np.uint8)
+    thorax[1:5, 1:6] = 255
+    _write_png(tmp_path / "images" / "scan.PNG", image)
+    _write_png(tmp_path / "masks" / "scan-thorax.png", thorax)
+
+    config = ConvertConfig(class_map=parse_class_map("thorax=7", 1), size=16)
+    entries = convert_png_folder(tmp_path / "images", tmp_path / "masks", tmp_path / "out", config)
+
+    assert [entry["image"] for entry in entries] == ["images/scan.h5"]
+
+
+def test_missing_images_folder_reported(tmp_path):
+    config = ConvertConfig(class_map=parse_class_map("thorax=7", 1))
+    with pytest.raises(ConversionError) as caught:
+        convert_png_folder(tmp_path / "absent", tmp_path / "masks", tmp_path / "out", config)
+    assert caught.value.problems == [f"{tmp_path / 'absent'}: images folder not found"]
