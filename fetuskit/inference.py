@@ -630,7 +630,8 @@ class _progress:
         if self.done == self.total or now - self.last_log >= self.LOG_INTERVAL_S:
             self.last_log = now
             remaining = (self.total - self.done) / rate if rate > 0 else float("nan")
-            logger.info("predicted %d/%d (%.1f img/s, about %.0f s left)", self.done, self.total, rate, remaining)
+            # Cases that fell back count as handled here; the closing summary separates them.
+            logger.info("handled %d/%d cases (%.1f img/s, about %.0f s left)", self.done, self.total, rate, remaining)
 
     def __exit__(self, *exc_info: object) -> None:
         if self.bar is not None:

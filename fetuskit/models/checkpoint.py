@@ -162,7 +162,9 @@ def load_checkpoint(
     info = {field: content.get(field) for field in ("arch", "config", "stage", "thresholds", "metrics", "extra")}
     info["path"] = str(path)
     info["weights"] = weights
-    logger.info("Loaded %s weights of %s (stage %s) from %s", weights, content["arch"], content["stage"], path)
+    exported = (content.get("extra") or {}).get("exported_weights")
+    described = f"{weights} weights (exported from the {exported})" if exported else f"{weights} weights"
+    logger.info("Loaded %s of %s (stage %s) from %s", described, content["arch"], content["stage"], path)
     return model, info
 
 
