@@ -1,8 +1,8 @@
 """Resizing shared by training, validation and inference.
 
 Images are resized bilinearly and label maps with nearest neighbour, everywhere. Training,
-the validation path and ``process.py`` all call these functions, so a network never sees
-an image prepared another way at inference than in training.
+the validation path and ``process.py`` all call these functions, so a network gets its input
+prepared the same way at inference as in training.
 """
 
 from __future__ import annotations
