@@ -264,3 +264,17 @@ def test_feature_check_drops_pseudo_labels() -> None:
     lenient = _feature_check_step(margin=2.0, keep_missing=True)
     assert lenient["feature_dropped_share"] == 0.0
     assert lenient["pseudo_label"] > 0.0
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [("run.log_interval=0", "run.log_interval"), ("model.name=nope", "unknown model 'nope'")],
+)
+def test_stage1_command_names_bad_setting(tmp_path: Path, override: str, expected: str) -> None:
+    from train.cli import _register_commands, app
+
+    _register_commands()
+    arguments = ["stage1", "--labelled", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), "--set", override]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 2, result.output
+    assert expected in result.output

@@ -55,6 +55,54 @@ def test_config_rejects_wrong_type() -> None:
         load_config(None, ["augment.horizontal_flip=1"])
 
 
+@pytest.mark.parametrize(
+    "override",
+    [
+        "run.log_interval=0",
+        "run.checkpoint_interval=0",
+        "run.validation_interval=-1",
+        "data.labelled_batch_size=0",
+        "data.unlabelled_batch_size=-1",
+        "data.validation_batch_size=0",
+        "data.input_size=0",
+        "schedule.iterations=-3",
+        "schedule.warmup_iterations=-1",
+        "teacher.decay=1.0",
+        "loss.confidence_threshold=1.5",
+        "loss.dice_weight=-1",
+        "augment.cutmix_area_max=2",
+        "augment.cutmix_probability=1.5",
+        "augment.scale_min=1.2",
+        "augment.gamma_min=0",
+        "run.precision=fp32",
+        "stage=stage3",
+        "stage2.loss=focal",
+        "stage2.pseudo_negative_threshold=0.9",
+    ],
+)
+def test_config_rejects_out_of_range_value(override: str) -> None:
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_config_accepts_range_edges() -> None:
+    config = load_config(
+        None,
+        [
+            "teacher.decay=0",
+            "loss.confidence_threshold=0",
+            "augment.cutmix_probability=1",
+            "augment.cutmix_area_max=1",
+            "schedule.warmup_iterations=0",
+            "stage=stage2",
+            "run.precision=fp16",
+        ],
+    )
+    assert config.teacher.decay == 0.0
+    assert config.augment.cutmix_area_max == 1.0
+
+
 def test_flips_off_by_default() -> None:
     assert TrainConfig().augment.horizontal_flip is False
 

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from fetuskit.errors import FetusError
+from fetuskit.models.registry import UnknownModelError
 from fetuskit.training.config import ConfigError, load_config
 from fetuskit.training.data import TrainingDataError
 from fetuskit.training.run import RunFolderError, train
@@ -38,7 +39,7 @@ def stage1(
     try:
         resolved = load_config(config, set_values or [])
         summary = train(resolved, labelled, unlabelled, val, out, resume=resume)
-    except (ConfigError, TrainingDataError, RunFolderError, FetusError) as error:
+    except (ConfigError, TrainingDataError, RunFolderError, UnknownModelError, FetusError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(code=2) from error
     typer.echo(

@@ -197,9 +197,71 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "none")
+"""Accepted values of ``run.precision``."""
+
+
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    """Build a :class:`TrainConfig` from nested plain values, rejecting unknown keys."""
-    return _build(TrainConfig, values, prefix="")
+    """Build a :class:`TrainConfig` from nested plain values, rejecting unknown keys and bad ranges."""
+    config = _build(TrainConfig, values, prefix="")
+    check_ranges(config)
+    return config
+
+
+def check_ranges(config: TrainConfig) -> None:
+    """Raise :class:`ConfigError` naming the first value outside its valid range.
+
+    Checked here so that a bad value stops the run before any data is read. Without it a zero
+    interval fails with ZeroDivisionError after the first step, and a threshold above 1 or a
+    CutMix area above 1 silently disables pseudo-labels or CutMix.
+    """
+    from fetuskit.training.stage2 import STAGE2_LOSSES
+    from fetuskit.training.tasks import TASKS
+
+    data, augment, loss, run = config.data, config.augment, config.loss, config.run
+    _require(config.stage in TASKS, "stage", config.stage, f"one of {sorted(TASKS)}")
+    _require(run.precision in PRECISIONS, "run.precision", run.precision, f"one of {list(PRECISIONS)}")
+    _require(data.input_size is None or data.input_size > 0, "data.input_size", data.input_size, "positive or null")
+    for key in ("labelled_batch_size", "unlabelled_batch_size", "validation_batch_size"):
+        _require(getattr(data, key) >= 1, f"data.{key}", getattr(data, key), "at least 1")
+    for key in ("log_interval", "validation_interval", "checkpoint_interval"):
+        _require(getattr(run, key) >= 1, f"run.{key}", getattr(run, key), "at least 1 step")
+    _require(config.schedule.iterations >= 1, "schedule.iterations", config.schedule.iterations, "at least 1")
+    warmup = config.schedule.warmup_iterations
+    _require(warmup >= 0, "schedule.warmup_iterations", warmup, "0 or more")
+    _require(0.0 <= config.teacher.decay < 1.0, "teacher.decay", config.teacher.decay, "in [0, 1)")
+    threshold = loss.confidence_threshold
+    _require(0.0 <= threshold <= 1.0, "loss.confidence_threshold", threshold, "in [0, 1]")
+    for key in ("cross_entropy_weight", "dice_weight", "chd_weight", "view_weight", "unlabelled_weight"):
+        _require(getattr(loss, key) >= 0.0, f"loss.{key}", getattr(loss, key), "0 or more")
+    for key in ("blur_probability", "cutmix_probability"):
+        _require(0.0 <= getattr(augment, key) <= 1.0, f"augment.{key}", getattr(augment, key), "in [0, 1]")
+    _check_interval(augment, "scale", low=0.0, high=None)
+    _check_interval(augment, "gamma", low=0.0, high=None)
+    _check_interval(augment, "blur_sigma", low=0.0, high=None)
+    _check_interval(augment, "cutmix_area", low=0.0, high=1.0)
+    stage2 = config.stage2
+    _require(stage2.loss in STAGE2_LOSSES, "stage2.loss", stage2.loss, f"one of {list(STAGE2_LOSSES)}")
+    _require(
+        0.0 <= stage2.pseudo_negative_threshold < stage2.pseudo_positive_threshold <= 1.0,
+        "stage2.pseudo_negative_threshold",
+        stage2.pseudo_negative_threshold,
+        f"in [0, stage2.pseudo_positive_threshold={stage2.pseudo_positive_threshold}) with the positive one at most 1",
+    )
+
+
+def _check_interval(section: AugmentConfig, name: str, low: float, high: float | None) -> None:
+    # Checks a <name>_min / <name>_max pair: low < min <= max (<= high).
+    minimum, maximum = getattr(section, name + "_min"), getattr(section, name + "_max")
+    _require(minimum > low, f"augment.{name}_min", minimum, f"above {low}")
+    _require(maximum >= minimum, f"augment.{name}_max", maximum, f"at least augment.{name}_min={minimum}")
+    if high is not None:
+        _require(maximum <= high, f"augment.{name}_max", maximum, f"at most {high}")
+
+
+def _require(condition: bool, key: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ConfigError(f"invalid {key}={value!r}: expected {expected}; fix the config file or the --set value")
 
 
 def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:

@@ -26,7 +26,7 @@ from torch import nn
 
 from fetuskit.training import progress as progress_module
 from fetuskit.training.checkpoints import BEST_CHECKPOINT, LATEST_CHECKPOINT, load_training_state, save_training_checkpoint
-from fetuskit.training.config import TrainConfig
+from fetuskit.training.config import PRECISIONS, TrainConfig
 from fetuskit.training.data import CaseTensors
 from fetuskit.training.distributed import DistContext, barrier
 from fetuskit.training.ema import MeanTeacher, unwrap
@@ -53,8 +53,8 @@ class Precision:
 
 def resolve_precision(name: str, device: torch.device) -> Precision:
     """Map "auto", "bf16", "fp16" or "none" to autocast settings; CPU always trains in float32."""
-    if name not in ("auto", "bf16", "fp16", "none"):
-        raise ValueError(f"run.precision must be auto, bf16, fp16 or none, got {name!r}")
+    if name not in PRECISIONS:
+        raise ValueError(f"run.precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
     if device.type != "cuda" or name == "none":
         return Precision(None, False)
     if name == "fp16":
