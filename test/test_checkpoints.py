@@ -221,3 +221,76 @@ def test_import_baseline_command(tmp_path):
     assert result.exit_code == 2
     assert "missing" in result.output
     assert not (tmp_path / "bad.pt").exists()
+
+
+class _CustomObject:
+    """A class that ``torch.load(weights_only=True)`` must not unpickle."""
+
+
+def _write_unreadable(path, kind):
+    """Write a file that is not a readable weights-only torch file: truncated, empty, text or a pickled object."""
+    if kind == "custom-class":
+        torch.save({"model": _CustomObject()}, path)
+        return
+    if kind == "truncated":
+        save_checkpoint(path, build_tiny("timm-unet"), stage="stage1")
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        return
+    path.write_bytes(b"" if kind == "empty" else b"not a torch file\n")
+
+
+UNREADABLE_KINDS = ["truncated", "empty", "text", "custom-class"]
+
+
+@pytest.mark.parametrize("kind", UNREADABLE_KINDS)
+def test_unreadable_checkpoint_names_file(kind, tmp_path):
+    path = tmp_path / f"{kind}.pt"
+    _write_unreadable(path, kind)
+    with pytest.raises(CheckpointError, match=f"{kind}.pt"):
+        read_checkpoint(path)
+
+
+@pytest.mark.parametrize("kind", UNREADABLE_KINDS)
+def test_unreadable_state_file_names_file(kind, tmp_path):
+    from fetuskit.models.foreign import read_state_file
+
+    path = tmp_path / f"{kind}.pth"
+    _write_unreadable(path, kind)
+    with pytest.raises(ValueError, match=f"{kind}.pth"):
+        read_state_file(path)
+
+
+@pytest.mark.parametrize("kind", ["plain-state-dict", "truncated", "custom-class"])
+def test_export_command_rejects_foreign_file(kind, tmp_path):
+    from typer.testing import CliRunner
+
+    from train.cli import _register_commands, app
+
+    _register_commands()
+    source = tmp_path / "run" / "best.pt"
+    source.parent.mkdir()
+    if kind == "plain-state-dict":
+        torch.save(build_tiny("timm-unet").state_dict(), source)
+    else:
+        _write_unreadable(source, kind)
+
+    result = CliRunner().invoke(app, ["export", str(source), "--out", str(tmp_path / "weights")])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert str(source) in result.output
+    assert not (tmp_path / "weights" / "manifest.json").exists()
+
+
+def test_import_baseline_rejects_truncated_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from train.cli import _register_commands, app
+
+    _register_commands()
+    source = tmp_path / "best.pth"
+    _write_unreadable(source, "truncated")
+    result = CliRunner().invoke(app, ["import-baseline", str(source), str(tmp_path / "echocare.pt")])
+    assert result.exit_code == 2, result.output
+    assert str(source) in result.output
+    assert not (tmp_path / "echocare.pt").exists()

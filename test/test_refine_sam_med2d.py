@@ -166,3 +166,62 @@ def test_convert_weights_rejects_incomplete_checkpoint(tmp_path):
     with pytest.raises(WeightsError, match="missing keys"):
         convert_weights(source, tmp_path / "out.pt", "sam-med2d", model_config)
     assert not (tmp_path / "out.pt").exists()
+
+
+def _write_broken(path: Path, kind: str) -> None:
+    """Write a truncated weights file, an empty file or a text file to ``path``."""
+    if kind == "truncated":
+        model_config, state = _tiny_state()
+        save_weights(path, "sam-med2d", model_config, state, "test")
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(b"" if kind == "empty" else b"not a torch file\n")
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "text"])
+def test_read_weights_rejects_broken_file(kind, tmp_path):
+    path = tmp_path / f"{kind}.pt"
+    _write_broken(path, kind)
+    with pytest.raises(WeightsError, match=f"{kind}.pt"):
+        read_weights(path)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "text"])
+def test_convert_weights_rejects_broken_file(kind, tmp_path):
+    source = tmp_path / f"{kind}.pth"
+    _write_broken(source, kind)
+    with pytest.raises(WeightsError, match=f"{kind}.pth"):
+        convert_weights(source, tmp_path / "out.pt", "sam-med2d", _tiny_state()[0])
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_convert_weights_rejects_non_tensor_entry(tmp_path):
+    model_config, state = _tiny_state()
+    key = next(iter(state))
+    state[key] = [0.0, 1.0]
+    source = tmp_path / "listed.pth"
+    torch.save({"model": state}, source)
+    with pytest.raises(WeightsError, match=key):
+        convert_weights(source, tmp_path / "out.pt", "sam-med2d", model_config)
+
+
+def test_slim_file_with_unknown_config_key_rejected(tmp_path):
+    model_config, state = _tiny_state()
+    path = save_weights(tmp_path / "w.pt", "sam-med2d", {**model_config, "depth_typo": 3}, state, "test")
+    with pytest.raises(WeightsError, match="depth_typo"):
+        load_segmenter("sam-med2d", path)
+
+
+def test_convert_weights_command_rejects_truncated_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from train.cli import _register_commands, app
+
+    _register_commands()
+    source = tmp_path / "truncated.pth"
+    _write_broken(source, "truncated")
+    result = CliRunner().invoke(app, ["convert-weights", str(source), str(tmp_path / "out.pt")])
+    assert result.exit_code == 2, result.output
+    assert str(source) in result.output
+    assert not (tmp_path / "out.pt").exists()

@@ -10,7 +10,7 @@ import typer
 from fetuskit.models import build_model, count_parameters, registered_models, tiny_config
 from fetuskit.models.checkpoint import export_checkpoint, save_checkpoint
 from fetuskit.models.foreign import load_echocare_baseline
-from fetuskit.models.registry import build_from_config
+from fetuskit.models.registry import UnknownModelError, build_from_config
 from fetuskit.models.state import StateDictMismatchError
 from fetuskit.weights_manifest import MANIFEST_NAME, load_manifest, write_manifest
 from train.cli import app
@@ -56,12 +56,21 @@ def export_weights(
     if (out / MANIFEST_NAME).is_file():
         previous = load_manifest(out)
         thresholds, refiner = list(previous.chd_thresholds), previous.refiner
-    provenance_fields = json.loads(provenance.read_text(encoding="utf-8")) if provenance else {}
+    try:
+        provenance_fields = json.loads(provenance.read_text(encoding="utf-8")) if provenance else {}
+    except (OSError, json.JSONDecodeError) as error:
+        raise typer.BadParameter(f"cannot read --provenance {provenance}: {error}") from error
     if not isinstance(provenance_fields, dict):
         raise typer.BadParameter(f"{provenance} must contain a JSON object, got {type(provenance_fields).__name__}")
 
     for source, file_name in zip(checkpoints, names, strict=True):
-        export_checkpoint(source, out / file_name, use=use)
+        try:
+            export_checkpoint(source, out / file_name, use=use)
+        except (FileNotFoundError, ValueError, StateDictMismatchError, UnknownModelError) as error:
+            # The manifest is written only after every member exported, so it never names a
+            # member that failed; members exported before this one stay in --out.
+            typer.echo(f"error: cannot export {source}: {error}", err=True)
+            raise typer.Exit(code=2) from error
     manifest = write_manifest(out, names, chd_thresholds=thresholds, refiner=refiner, provenance=provenance_fields)
     for member in manifest.members:
         size_mb = manifest.checkpoint_path(member).stat().st_size / 1e6

@@ -25,7 +25,7 @@ from torch import nn
 
 from fetuskit.labels import NUM_CHD
 from fetuskit.models.registry import build_from_config
-from fetuskit.models.state import load_state_dict_strict
+from fetuskit.models.state import UnreadableWeightsError, load_state_dict_strict, load_weights_only
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +111,15 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        CheckpointError: if the file is not a version-1 fetuskit checkpoint.
+        CheckpointError: if the file is unreadable or not a version-1 fetuskit checkpoint.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    content = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        content = load_weights_only(path, map_location)
+    except UnreadableWeightsError as error:
+        raise CheckpointError(str(error)) from error
     if not isinstance(content, dict) or content.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path} is not a {CHECKPOINT_FORMAT} file; convert foreign weights with the loaders in "

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fetuskit.models.lora import lora_parameter_names
-from fetuskit.models.state import compare_state_dict, load_state_dict_strict
+from fetuskit.models.state import compare_state_dict, load_state_dict_strict, load_weights_only
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +32,11 @@ def read_state_file(path: str | Path, container_keys: tuple[str, ...] = ()) -> S
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: if the file holds no flat dict of tensors.
+        ValueError: if the file is unreadable (``UnreadableWeightsError``) or holds no flat
+            dict of tensors.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    content: Any = torch.load(path, map_location="cpu", weights_only=True)
+    content: Any = load_weights_only(path)
     if isinstance(content, Mapping):
         for key in container_keys:
             if key in content and isinstance(content[key], Mapping):

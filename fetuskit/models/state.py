@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,6 +44,54 @@ class StateDictMismatchError(RuntimeError):
             lines.append(f"  {len(shape_mismatches)} shape mismatches: {_shorten(shown)}")
         lines.append("  Check that the file was written for this architecture and configuration.")
         super().__init__("\n".join(lines))
+
+
+class UnreadableWeightsError(ValueError):
+    """A file that ``torch.load(weights_only=True)`` cannot read.
+
+    Attributes:
+        path: the file.
+        pickled_objects: True when the file is a readable torch file that pickles objects other
+            than tensors and plain Python values (a custom class, for example); False when the
+            file is truncated, empty or not a torch file at all.
+    """
+
+    def __init__(self, path: Path, message: str, pickled_objects: bool) -> None:
+        super().__init__(message)
+        self.path = path
+        self.pickled_objects = pickled_objects
+
+
+def load_weights_only(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """Return the object stored in a ``torch.save`` file, read with ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError: if ``path`` is not a file.
+        UnreadableWeightsError: naming ``path`` when the file is truncated, empty, not a torch
+            file, or pickles objects that a weights-only load rejects.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UnreadableWeightsError(
+            path,
+            f"{path} pickles objects other than tensors and plain Python values, so it cannot be "
+            "loaded with weights_only=True; save a state_dict of tensors instead",
+            pickled_objects=True,
+        ) from error
+    except (RuntimeError, EOFError, KeyError, ValueError) as error:
+        # torch reports a truncated zip archive as RuntimeError, an empty file as EOFError and
+        # a file that is neither a zip archive nor a pickle as KeyError or ValueError.
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UnreadableWeightsError(
+            path,
+            f"{path} is not a readable torch.save file ({reason}); it may be truncated or of "
+            "another format, so copy or write it again",
+            pickled_objects=False,
+        ) from error
 
 
 def _shorten(items: list[str]) -> str:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from fetuskit.models.state import UnreadableWeightsError, load_weights_only
 from fetuskit.refine.litemedsam import build_litemedsam, packaged_weights_path
 from fetuskit.refine.sam_med2d import SamMed2DConfig, build_sam_med2d
 from fetuskit.refine.segmenter import PromptableSegmenter, ResizeMode
@@ -49,6 +50,10 @@ class Backend:
 
 def _build_sam_med2d(model_config: Mapping[str, Any]) -> PromptableSegmenter:
     fields = dict(model_config)
+    known = {field.name for field in dataclasses.fields(SamMed2DConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise WeightsError(f"unknown SAM-Med2D model_config keys {unknown}: expected some of {sorted(known)}")
     if "global_attn_indexes" in fields:
         fields["global_attn_indexes"] = tuple(fields["global_attn_indexes"])
     return build_sam_med2d(SamMed2DConfig(**fields))
@@ -120,14 +125,17 @@ def read_weights(path: str | Path) -> dict[str, Any]:
     ``model_config`` (None unless slim), ``state_dict``, ``source`` and ``extra``.
 
     Raises:
-        WeightsError: the file is missing, or needs full unpickling (convert it first).
+        WeightsError: the file is missing, unreadable (truncated, empty, not a torch file), or
+            needs full unpickling (convert it first).
     """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+        payload = load_weights_only(path)
+    except UnreadableWeightsError as error:
+        if not error.pickled_objects:
+            raise WeightsError(str(error)) from error
         raise WeightsError(
             f"{path} contains more than tensors (for example optimizer state or custom objects), so "
             "it cannot be loaded with weights_only=True. Convert it once with "
@@ -224,10 +232,19 @@ def convert_weights(
     source = Path(source)
     if not source.is_file():
         raise WeightsError(f"checkpoint to convert not found: {source}")
-    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+    try:
+        checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise WeightsError(
+            f"{source} is not a readable torch.save file ({reason}); it may be truncated or of another format"
+        ) from error
     state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state_dict, dict):
         raise WeightsError(f"{source} contains a {type(checkpoint).__name__}, expected a dict with a state_dict")
+    not_tensors = sorted(str(key) for key, value in state_dict.items() if not isinstance(value, torch.Tensor))
+    if not_tensors:
+        raise WeightsError(f"{source}: model entries {not_tensors[:20]} are not tensors; expected a state_dict")
     dropped = sorted(key for key in checkpoint if key != "model") if "model" in checkpoint else []
 
     model_config = dict(model_config) if model_config is not None else default_model_config(kind)
