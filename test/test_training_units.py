@@ -78,6 +78,14 @@ def test_config_rejects_wrong_type() -> None:
         "stage=stage3",
         "stage2.loss=focal",
         "stage2.pseudo_negative_threshold=0.9",
+        "loss.chd_pos_weight=[1, 2]",
+        "loss.chd_pos_weight=[1, 1, 1, 1, 1, 1, -7]",
+        "loss.chd_pos_weight_max=0.5",
+        "optim.lr=-1",
+        "optim.group_lr={encoder.: -1}",
+        "optim.grad_clip_norm=-1",
+        "optim.beta2=1",
+        "schedule.poly_power=-1",
     ],
 )
 def test_config_rejects_out_of_range_value(override: str) -> None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fetuskit.labels import NUM_CHD
+
 
 class ConfigError(ValueError):
     """A configuration file, override or value that does not fit :class:`TrainConfig`."""
@@ -234,6 +236,13 @@ def check_ranges(config: TrainConfig) -> None:
     _require(0.0 <= threshold <= 1.0, "loss.confidence_threshold", threshold, "in [0, 1]")
     for key in ("cross_entropy_weight", "dice_weight", "chd_weight", "view_weight", "unlabelled_weight"):
         _require(getattr(loss, key) >= 0.0, f"loss.{key}", getattr(loss, key), "0 or more")
+    pos_weight = loss.chd_pos_weight
+    if pos_weight is not None:
+        valid = len(pos_weight) == NUM_CHD and all(weight > 0 for weight in pos_weight)
+        _require(valid, "loss.chd_pos_weight", pos_weight, f"{NUM_CHD} positive numbers, one per CHD label, or null")
+    _require(loss.chd_pos_weight_max >= 1.0, "loss.chd_pos_weight_max", loss.chd_pos_weight_max, "at least 1")
+    _check_optim(config.optim)
+    _require(config.schedule.poly_power >= 0.0, "schedule.poly_power", config.schedule.poly_power, "0 or more")
     for key in ("blur_probability", "cutmix_probability"):
         _require(0.0 <= getattr(augment, key) <= 1.0, f"augment.{key}", getattr(augment, key), "in [0, 1]")
     _check_interval(augment, "scale", low=0.0, high=None)
@@ -248,6 +257,16 @@ def check_ranges(config: TrainConfig) -> None:
         stage2.pseudo_negative_threshold,
         f"in [0, stage2.pseudo_positive_threshold={stage2.pseudo_positive_threshold}) with the positive one at most 1",
     )
+
+
+def _check_optim(optim: OptimConfig) -> None:
+    _require(optim.lr > 0.0, "optim.lr", optim.lr, "above 0")
+    for name, lr in optim.group_lr.items():
+        _require(lr >= 0.0, f"optim.group_lr.{name}", lr, "0 (frozen) or more")
+    _require(optim.weight_decay >= 0.0, "optim.weight_decay", optim.weight_decay, "0 or more")
+    for key in ("beta1", "beta2"):
+        _require(0.0 <= getattr(optim, key) < 1.0, f"optim.{key}", getattr(optim, key), "in [0, 1)")
+    _require(optim.grad_clip_norm >= 0.0, "optim.grad_clip_norm", optim.grad_clip_norm, "0 (off) or more")
 
 
 def _check_interval(section: AugmentConfig, name: str, low: float, high: float | None) -> None:
