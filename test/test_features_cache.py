@@ -134,3 +134,14 @@ def test_default_folder_under_temp_dir(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(tempfile, "tempdir", None)
     cache = FeatureCache()
     assert cache.folder == tmp_path / "fetuskit-feature-cache"
+
+
+def test_empty_entry_recomputed(tmp_path: Path) -> None:
+    images = torch.rand(1, 1, 8, 8)
+    cache = FeatureCache(FeatureCacheConfig(folder=tmp_path, dtype="float32"))
+    extractor = PoolingExtractor()
+    cache.extract(extractor, images)
+    cache.path(entry_key(images[0], extractor.cache_identity())).write_bytes(b"")
+    features = cache.extract(extractor, images)
+    assert extractor.images_seen == 2
+    torch.testing.assert_close(features, PoolingExtractor().extract(images), rtol=0, atol=0)

@@ -266,3 +266,19 @@ def test_config_derived_for_other_sizes(gated: bool) -> None:
     assert (config.intermediate_size, config.num_register_tokens, config.rope_theta) == (384, 2, 100.0)
     assert config.use_gated_mlp is gated
     assert config.hidden_act == ("silu" if gated else "gelu")
+
+
+def test_truncated_original_pth_names_file(original_weights: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    path = tmp_path / "dinov3_vits16.pth"
+    torch.save(original_weights, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="dinov3_vits16.pth"):
+        load_dinov3(path)
+
+
+def test_non_tensor_original_entry_is_listed(original_weights: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    path = tmp_path / "dinov3_vits16.pth"
+    torch.save({**original_weights, "cls_token": [0.0]}, path)
+    with pytest.raises(WeightLayoutError, match="cls_token"):
+        load_dinov3(path)

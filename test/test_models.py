@@ -266,3 +266,21 @@ def test_models_command_full_echocare_counts():
     # The baseline's counts plus our view head (1024 * 256 + 256 + 256 * 4 + 4 = 263,428).
     assert "174,816,341" in result.output
     assert "54,594,653" in result.output
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("size", [(64, 96), (96, 64), (32, 64)])
+def test_non_square_input_keeps_size(name, size):
+    model = build_tiny(name).eval()
+    with torch.no_grad():
+        output = model(torch.rand(2, 1, *size))
+    assert tuple(output.seg.shape) == (2, NUM_CLASSES, *size)
+    assert tuple(output.chd.shape) == (2, NUM_CHD)
+    assert tuple(output.view.shape) == (2, NUM_VIEWS)
+
+
+def test_echocare_single_bottleneck_cell_rejected():
+    # A 32 x 32 input leaves one bottleneck cell, where instance norm has no statistics.
+    model = build_tiny("echocare").eval()
+    with pytest.raises(ValueError, match="echocare needs .* 32x32"):
+        model(torch.rand(1, 1, 32, 32))

@@ -89,7 +89,8 @@ class FeatureCache:
             return None
         try:
             array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, EOFError) as error:
+            # numpy raises EOFError for an empty file, ValueError for a bad header or short data.
             logger.warning("Ignoring unreadable feature cache entry %s: %s", path, error)
             return None
         if array.ndim != 3:

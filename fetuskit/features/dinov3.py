@@ -25,7 +25,7 @@ from fetuskit.features.base import (
     prepare_images,
     state_fingerprint,
 )
-from fetuskit.models.state import load_state_dict_strict
+from fetuskit.models.state import load_state_dict_strict, load_weights_only
 
 logger = logging.getLogger(__name__)
 
@@ -248,10 +248,20 @@ def model_from_original(state_dict: Mapping[str, torch.Tensor], source: str = "s
 
 
 def load_original_checkpoint(path: Path) -> DINOv3ViTModel:
-    """Load Meta's original ``.pth`` DINOv3 ViT checkpoint (a flat state_dict) strictly."""
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    """Load Meta's original ``.pth`` DINOv3 ViT checkpoint (a flat state_dict) strictly.
+
+    Raises:
+        UnreadableWeightsError: (a ValueError) naming ``path`` when torch cannot read the file.
+        WeightLayoutError: when the file holds no flat dict of tensors or its keys do not fit.
+    """
+    state_dict = load_weights_only(path)
     if not isinstance(state_dict, Mapping):
         raise WeightLayoutError(f"{path} holds a {type(state_dict).__name__}, expected a flat state_dict")
+    not_tensors = [str(key) for key, value in state_dict.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise WeightLayoutError(
+            f"{path} has entries that are not tensors: {_format_keys(not_tensors)}; expected a flat state_dict"
+        )
     return model_from_original(state_dict, source=str(path))
 
 

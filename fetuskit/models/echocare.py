@@ -210,6 +210,13 @@ class EchoCareNet(Network):
 
     def _adapt(self, x: torch.Tensor) -> torch.Tensor:
         check_image_batch(x, self.size_multiple, "echocare")
+        height, width = x.shape[-2:]
+        if height == width == self.size_multiple:
+            # The bottleneck would be one cell, and instance norm over one value is undefined.
+            raise ValueError(
+                f"echocare needs more than one bottleneck cell, got a {height}x{width} input; "
+                f"use at least {self.size_multiple}x{2 * self.size_multiple} pixels"
+            )
         return self.in_adapter(x)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
