@@ -304,12 +304,22 @@ def calibrate_checkpoint(
     The checkpoint's weights (teacher where stored) predict ``cases_source`` (a folder or JSON
     case list) at its input size, as inference does. The chosen thresholds go into the
     checkpoint and, when ``manifest_folder`` is given, into its ``manifest.json``.
+
+    Raises:
+        ManifestError: ``manifest_folder`` has no valid manifest, or a member's file is missing
+            or differs from its digest; nothing is written then.
     """
     from fetuskit.models.checkpoint import load_checkpoint
     from fetuskit.training.data import load_labelled
     from fetuskit.training.run import load_case_list
 
     config.grid()
+    if manifest_folder is not None:
+        # Checked before anything is written: a manifest error must leave the checkpoint as it
+        # was, and a member already out of date must not get a fresh digest that hides it.
+        from fetuskit.weights_manifest import load_manifest, verify_checksums
+
+        verify_checksums(load_manifest(Path(manifest_folder)))
     torch_device = torch.device(device)
     model, _ = load_checkpoint(checkpoint, map_location=torch_device)
     cases = load_labelled(load_case_list(cases_source), int(model.input_size))

@@ -169,3 +169,50 @@ def test_untouched_member_still_checked(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="a.pt"):
         verify_checksums(load_manifest(tmp_path))
     assert torch.load(tmp_path / "a.pt", weights_only=True)["thresholds"] == [0.4] * 7
+
+
+def _calibration_fixture(tmp_path: Path, write_case) -> tuple[Path, Path]:
+    model = build_model("timm-unet", **tiny_config("timm-unet"), input_size=64)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    save_checkpoint(weights / "a.pt", model, stage="stage2")
+    write_manifest(weights, ["a.pt"])
+    mask = np.zeros((48, 40), dtype=np.uint8)
+    for index in range(4):
+        write_case(str(index), mask, [0] * 7, view_id=index % 4 + 1)
+    return weights, tmp_path / "images"
+
+
+def test_calibrate_leaves_checkpoint_on_manifest_error(tmp_path: Path, write_case) -> None:
+    from fetuskit.calibration import calibrate_checkpoint
+
+    weights, cases = _calibration_fixture(tmp_path, write_case)
+    before = (weights / "a.pt").read_bytes()
+    with pytest.raises(ManifestError, match="manifest"):
+        calibrate_checkpoint(weights / "a.pt", cases, CONFIG, manifest_folder=tmp_path / "no_manifest_here")
+    assert (weights / "a.pt").read_bytes() == before
+
+
+def test_calibrate_keeps_stale_digest_detectable(tmp_path: Path, write_case) -> None:
+    from fetuskit.calibration import calibrate_checkpoint
+
+    weights, cases = _calibration_fixture(tmp_path, write_case)
+    # A checkpoint changed after the manifest was written must not get a fresh digest.
+    write_checkpoint_thresholds(weights / "a.pt", [0.4] * 7)
+    before = (weights / "a.pt").read_bytes()
+    with pytest.raises(ManifestError, match="a.pt"):
+        calibrate_checkpoint(weights / "a.pt", cases, CONFIG, manifest_folder=weights)
+    assert (weights / "a.pt").read_bytes() == before
+    with pytest.raises(ManifestError, match="a.pt"):
+        verify_checksums(load_manifest(weights))
+
+
+def test_calibrate_updates_manifest_member(tmp_path: Path, write_case) -> None:
+    from fetuskit.calibration import calibrate_checkpoint
+
+    weights, cases = _calibration_fixture(tmp_path, write_case)
+    rows = calibrate_checkpoint(weights / "a.pt", cases, CONFIG, manifest_folder=weights)
+    assert [row.threshold for row in rows] == [0.5] * 7
+    manifest = load_manifest(weights)
+    verify_checksums(manifest)
+    assert list(manifest.chd_thresholds) == [0.5] * 7
