@@ -210,6 +210,8 @@ def test_refine_batch_aligns_inputs():
         ({"coarse": np.zeros((10, 12), np.uint8)}, "differs from image shape"),
         ({"probabilities": np.zeros((15, 48, 81), np.float32)}, "probabilities shape"),
         ({"view": 4}, "view must be"),
+        ({"coarse": np.full((48, 80), -1, np.int64)}, "contains value -1"),
+        ({"coarse": np.full((48, 80), 1.5, np.float32)}, "integer"),
     ],
 )
 def test_invalid_inputs_raise(kwargs, message):

@@ -174,8 +174,12 @@ class Refiner:
             raise ValueError(f"image must be (H, W) grayscale, got shape {image.shape}")
         if coarse.shape != image.shape:
             raise ValueError(f"coarse label map shape {coarse.shape} differs from image shape {image.shape}")
-        if coarse.size and int(coarse.max()) >= NUM_CLASSES:
-            raise ValueError(f"coarse label map contains value {int(coarse.max())}, expected 0..{NUM_CLASSES - 1}")
+        if not np.issubdtype(coarse.dtype, np.integer):
+            raise ValueError(f"coarse label map must have an integer dtype (uint8), got {coarse.dtype}")
+        if coarse.size:
+            for value in (int(coarse.min()), int(coarse.max())):
+                if not 0 <= value < NUM_CLASSES:
+                    raise ValueError(f"coarse label map contains value {value}, expected 0..{NUM_CLASSES - 1}")
         if probabilities is not None and probabilities.shape != (NUM_CLASSES, *image.shape):
             raise ValueError(
                 f"probabilities shape {probabilities.shape} differs from the expected {(NUM_CLASSES, *image.shape)}"
