@@ -110,6 +110,17 @@ def test_head_options_reject_segmentation_keys(tmp_path: Path) -> None:
         model_from_stage1(path, {"decoder_channels": [8, 8, 8, 8, 8]}, seed=0)
 
 
+@pytest.mark.parametrize(
+    ("head_options", "expected"),
+    [({"chd_head": "bogus"}, "bogus"), ({"chd_head_nonexistent": 1}, "chd_head_nonexistent")],
+)
+def test_head_options_invalid_value(tmp_path: Path, head_options: dict, expected: str) -> None:
+    path = _stage1_checkpoint(tmp_path / "stage1.pt")
+    with pytest.raises(Stage2Error, match="stage2.head_options") as raised:
+        model_from_stage1(path, head_options, seed=0)
+    assert expected in str(raised.value)
+
+
 def test_only_head_gets_gradients(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     model = model_from_stage1(_stage1_checkpoint(tmp_path / "stage1.pt"), {}, seed=0)

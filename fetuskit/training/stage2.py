@@ -75,7 +75,8 @@ def model_from_stage1(init: Path, head_options: dict[str, Any], seed: int) -> nn
 
     Raises:
         FileNotFoundError: ``init`` does not exist.
-        Stage2Error: ``head_options`` changes a key outside the CHD head.
+        Stage2Error: ``head_options`` changes a key outside the CHD head, or the model cannot
+            be built with it (unknown key, invalid value).
         StateDictMismatchError: a segmentation weight is missing or has another shape.
     """
     from fetuskit.models.checkpoint import read_checkpoint
@@ -93,7 +94,13 @@ def model_from_stage1(init: Path, head_options: dict[str, Any], seed: int) -> nn
         )
     weights = "teacher" if content.get("teacher") is not None else "student"
     config = {**content["config"], **head_options}
-    model = build_from_config(content["arch"], config, load_weights=False)
+    try:
+        model = build_from_config(content["arch"], config, load_weights=False)
+    except ValueError as error:
+        # ModelConfigError (unknown key, wrong type) and a head builder's invalid value are both ValueErrors.
+        raise Stage2Error(
+            f"cannot build the model stored in {init} with stage2.head_options={head_options}: {error}"
+        ) from error
 
     # The head is reset below, so its stored weights are skipped and the new head fills its keys.
     stored = content[weights]
