@@ -294,3 +294,27 @@ def test_import_baseline_rejects_truncated_file(tmp_path):
     assert result.exit_code == 2, result.output
     assert str(source) in result.output
     assert not (tmp_path / "echocare.pt").exists()
+
+
+def _replace_first_weight(state):
+    key = next(iter(state))
+    return {**state, key: "not a tensor"}
+
+
+@pytest.mark.parametrize(
+    ("field", "change", "message"),
+    [
+        ("arch", lambda _: "no-such-model", "no-such-model"),
+        ("config", lambda _: {"typo_key": 1}, "typo_key"),
+        ("student", _replace_first_weight, "not tensors"),
+        ("student", lambda _: None, "student"),
+    ],
+)
+def test_broken_checkpoint_field_names_file(field, change, message, tmp_path):
+    path = save_checkpoint(tmp_path / "model.pt", build_tiny("timm-unet"), stage="stage1")
+    content = torch.load(path, weights_only=True)
+    content[field] = change(content[field])
+    torch.save(content, path)
+    with pytest.raises(CheckpointError, match=message) as raised:
+        load_checkpoint(path, use="student")
+    assert str(path) in str(raised.value)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fetuskit.labels import NUM_CHD
-from fetuskit.models.registry import build_from_config
+from fetuskit.models.registry import ModelConfigError, UnknownModelError, build_from_config
 from fetuskit.models.state import UnreadableWeightsError, load_state_dict_strict, load_weights_only
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,8 @@ def load_checkpoint(
         (which of ``"teacher"``/``"student"`` was loaded).
 
     Raises:
-        CheckpointError: on a foreign file or when ``use="teacher"`` but none is stored.
+        CheckpointError: on a foreign file, an unknown architecture or config key, weights
+            that are not a state_dict of tensors, or when ``use="teacher"`` but none is stored.
         StateDictMismatchError: listing every missing, unexpected or mis-shaped key.
     """
     if use not in ("teacher", "student", "auto"):
@@ -158,8 +159,16 @@ def load_checkpoint(
     state = content.get(weights)
     if state is None:
         raise CheckpointError(f"{path} stores no {weights} weights; pass use='student' or use='auto'")
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: the {weights} weights are a {type(state).__name__}, expected a state_dict")
+    not_tensors = [str(key) for key, value in state.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{path}: {weights} entries {not_tensors[:20]} are not tensors; expected a state_dict")
 
-    model = build_from_config(content["arch"], content["config"], load_weights=False)
+    try:
+        model = build_from_config(content["arch"], content["config"], load_weights=False)
+    except (UnknownModelError, ModelConfigError) as error:
+        raise CheckpointError(f"{path} describes a model that cannot be built: {error}") from error
     load_state_dict_strict(model, state, f"{path} ({weights})")
     model.to(map_location).eval()
     info = {field: content.get(field) for field in ("arch", "config", "stage", "thresholds", "metrics", "extra")}
