@@ -39,6 +39,18 @@ def test_config_overrides_and_types(tmp_path: Path) -> None:
     assert config.augment.rotation_degrees == TrainConfig().augment.rotation_degrees
 
 
+def test_config_override_keeps_other_options(tmp_path: Path) -> None:
+    defaults = TrainConfig().model.options
+    config = load_config(None, ["model.options.input_size=64"])
+    assert config.model.options == {**defaults, "input_size": 64}
+
+    path = tmp_path / "config.json"
+    path.write_text('{"model": {"options": {"encoder": "resnet18"}}}')
+    config = load_config(path, ["model.options.input_size=64"])
+    assert config.model.options == {"encoder": "resnet18", "input_size": 64}
+    assert load_config(path).model.options == {"encoder": "resnet18"}
+
+
 def test_config_rejects_unknown_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="optim.learning_rate"):
         load_config(None, ["optim.learning_rate=1"])

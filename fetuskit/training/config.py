@@ -287,11 +287,16 @@ def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) 
     """Read a JSON or YAML config (None: defaults) and apply ``key=value`` overrides.
 
     Overrides use dotted keys (``optim.lr=3e-4``, ``model.options.encoder=resnet18``); the value
-    is parsed as YAML, so numbers, booleans, ``null`` and ``[1, 2]`` lists work.
+    is parsed as YAML, so numbers, booleans, ``null`` and ``[1, 2]`` lists work. An override of
+    one key inside a mapping keeps the mapping's other keys, from the file or else the defaults.
     """
     values: dict[str, Any] = {}
     if path is not None:
         values = _read_mapping(Path(path))
+    if overrides:
+        # Overrides apply to the file's values completed with defaults, so that setting one key
+        # of a mapping such as model.options keeps its other keys instead of replacing it.
+        values = dataclasses.asdict(_build(TrainConfig, values, prefix=""))
     for override in overrides:
         key, separator, text = override.partition("=")
         if not separator or not key.strip():
