@@ -458,3 +458,20 @@ def test_disallowed_ground_truth_trained_as_background(write_case, caplog):
     assert "12 pixels of classes 5 (heart)" in caplog.text
     # Validation keeps the file's own mask, so scores stay honest.
     assert (loaded.full_masks[0] == 5).sum() == 12
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.parametrize("name", ["cuda", "cuda:1"])
+def test_device_cuda_without_cuda_is_error(name: str) -> None:
+    from fetuskit.training.distributed import resolve_device
+
+    with pytest.raises(ConfigError, match="run.device"):
+        resolve_device(name)
+
+
+def test_device_invalid_name_is_error() -> None:
+    from fetuskit.training.distributed import resolve_device
+
+    with pytest.raises(ConfigError, match="'gpu0'"):
+        resolve_device("gpu0")
+    assert resolve_device("cpu") == torch.device("cpu")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from fetuskit.training.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -43,14 +45,19 @@ class DistContext:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """Turn "auto", "cpu", "cuda" or "cuda:K" into a device; "auto" prefers CUDA."""
+    """Turn "auto", "cpu", "cuda" or "cuda:K" into a device; "auto" prefers CUDA.
+
+    Raises:
+        ConfigError: ``name`` is not a torch device, or names CUDA on a machine without it.
+    """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", local_rank)
-    device = torch.device(name)
+    try:
+        device = torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    except RuntimeError as error:
+        raise ConfigError(f"invalid run.device={name!r}: expected auto, cpu, cuda or cuda:K ({error})") from error
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was requested but CUDA is not available; use run.device=cpu")
+        raise ConfigError(f"run.device={name!r} was requested but CUDA is not available; use run.device=cpu or auto")
     return device
 
 
