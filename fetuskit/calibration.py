@@ -291,6 +291,16 @@ def write_manifest_thresholds(folder: Path, thresholds: Sequence[float], changed
     return path
 
 
+def _calibration_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise CalibrationError(f"invalid device {name!r}: expected cpu, cuda or cuda:K ({error})") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CalibrationError(f"device {name!r} was requested but CUDA is not available; use --device cpu")
+    return device
+
+
 def calibrate_checkpoint(
     checkpoint: Path,
     cases_source: Path,
@@ -306,6 +316,7 @@ def calibrate_checkpoint(
     checkpoint and, when ``manifest_folder`` is given, into its ``manifest.json``.
 
     Raises:
+        CalibrationError: invalid settings, batch size or device; nothing is written then.
         ManifestError: ``manifest_folder`` has no valid manifest, or a member's file is missing
             or differs from its digest; nothing is written then.
     """
@@ -314,13 +325,15 @@ def calibrate_checkpoint(
     from fetuskit.training.run import load_case_list
 
     config.grid()
+    if batch_size < 1:
+        raise CalibrationError(f"the batch size must be at least 1, got {batch_size}")
+    torch_device = _calibration_device(device)
     if manifest_folder is not None:
         # Checked before anything is written: a manifest error must leave the checkpoint as it
         # was, and a member already out of date must not get a fresh digest that hides it.
         from fetuskit.weights_manifest import load_manifest, verify_checksums
 
         verify_checksums(load_manifest(Path(manifest_folder)))
-    torch_device = torch.device(device)
     model, _ = load_checkpoint(checkpoint, map_location=torch_device)
     cases = load_labelled(load_case_list(cases_source), int(model.input_size))
     if len(cases) == 0:

@@ -216,3 +216,18 @@ def test_calibrate_updates_manifest_member(tmp_path: Path, write_case) -> None:
     manifest = load_manifest(weights)
     verify_checksums(manifest)
     assert list(manifest.chd_thresholds) == [0.5] * 7
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [({"batch_size": 0}, "batch size"), ({"device": "gpu0"}, "'gpu0'")]
+    + ([] if torch.cuda.is_available() else [({"device": "cuda"}, "CUDA is not available")]),
+)
+def test_calibrate_invalid_options_write_nothing(tmp_path: Path, write_case, options: dict, expected: str) -> None:
+    from fetuskit.calibration import calibrate_checkpoint
+
+    weights, cases = _calibration_fixture(tmp_path, write_case)
+    before = (weights / "a.pt").read_bytes()
+    with pytest.raises(CalibrationError, match=expected):
+        calibrate_checkpoint(weights / "a.pt", cases, CONFIG, manifest_folder=weights, **options)
+    assert (weights / "a.pt").read_bytes() == before
