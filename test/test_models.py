@@ -284,3 +284,12 @@ def test_echocare_single_bottleneck_cell_rejected():
     model = build_tiny("echocare").eval()
     with pytest.raises(ValueError, match="echocare needs .* 32x32"):
         model(torch.rand(1, 1, 32, 32))
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("input_size", "256"), ("input_size", 25.6), ("input_size", True), ("encoder", 3), ("decoder_channels", [64, "32"])],
+)
+def test_config_value_of_wrong_type_rejected(key, value):
+    with pytest.raises(ModelConfigError, match=f"{key}="):
+        build_model("timm-unet", **{**tiny_config("timm-unet"), key: value})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -103,11 +104,53 @@ def config_from_dict(config_class: type, values: Mapping[str, Any], *, model_nam
         )
     hints = typing.get_type_hints(config_class)
     converted: dict[str, Any] = {}
+    wrong = []
     for key, value in values.items():
         if isinstance(value, list) and typing.get_origin(hints[key]) is tuple:
             value = tuple(value)
+        if not _value_matches(value, hints[key]):
+            wrong.append(f"{key}={value!r} (expected {hints[key]})")
         converted[key] = value
+    if wrong:
+        raise ModelConfigError(f"config values of the wrong type for {label}: {'; '.join(wrong)}")
     return config_class(**converted)
+
+
+def _value_matches(value: Any, hint: Any) -> bool:
+    """Return whether ``value`` fits the type hint of a config field.
+
+    Covers the hints config dataclasses use (bool, int, float, str, None, unions, tuples, lists,
+    dicts); any other hint is accepted unchecked. An int is accepted for a float, a bool is not
+    accepted for a number.
+    """
+    origin, arguments = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_value_matches(value, argument) for argument in arguments)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(arguments) == 2 and arguments[1] is Ellipsis:
+            return all(_value_matches(item, arguments[0]) for item in value)
+        return len(arguments) == len(value) and all(map(_value_matches, value, arguments))
+    if origin is list or hint is list:
+        if not isinstance(value, list):
+            return False
+        return not arguments or all(_value_matches(item, arguments[0]) for item in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return True
 
 
 def build_model(name: str, **config: Any) -> nn.Module:
