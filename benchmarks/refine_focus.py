@@ -16,7 +16,7 @@ Two commands:
 Example (testing split, refiner settings in refiner.json)::
 
     OMP_NUM_THREADS=1 python benchmarks/refine_focus.py compare \\
-        --split /work/data/focus/testing --focus-split PATH/TO/FOCUS/testing \\
+        --split data/focus/testing --focus-split PATH/TO/FOCUS/testing \\
         --weights model_weights --refiner refiner.json --out runs/refine_testing
 """
 
