@@ -464,7 +464,7 @@ def test_refiner_settings_checked(forms_dir, weights_dir, tmp_path, caplog):
 
 
 def test_failed_batch_retried_singly(forms_dir, weights_dir, tmp_path, monkeypatch):
-    import fetuskit.inference as inference
+    import fetuskit.inference.runner as inference
 
     real_predict = inference.predict_batch
     batch_sizes = []
@@ -485,7 +485,7 @@ def test_failed_batch_retried_singly(forms_dir, weights_dir, tmp_path, monkeypat
 
 
 def test_failed_prediction_gets_fallback(forms_dir, weights_dir, tmp_path, monkeypatch):
-    import fetuskit.inference as inference
+    import fetuskit.inference.runner as inference
 
     def always_fail(models, images, views, weights=None):
         raise RuntimeError("simulated failure")
@@ -590,7 +590,7 @@ def test_folder_named_like_output_not_skipped(weights_dir, tmp_path):
 
 
 def test_failed_mask_gets_fallback(forms_dir, weights_dir, tmp_path, monkeypatch):
-    import fetuskit.inference as inference
+    import fetuskit.inference.runner as inference
 
     real_mask = inference.probabilities_to_mask
 
@@ -623,7 +623,7 @@ class _BrokenRefiner:
 
 
 def test_invalid_refined_mask_keeps_network_mask(forms_dir, weights_dir, tmp_path, monkeypatch):
-    import fetuskit.inference as inference
+    import fetuskit.inference.runner as inference
 
     monkeypatch.setattr(inference, "_build_refiner", lambda manifest, enabled, device: _BrokenRefiner())
     out_dir = tmp_path / "out"
