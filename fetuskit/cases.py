@@ -65,10 +65,10 @@ def load_cases(source: str | os.PathLike, input_dir: str | os.PathLike | None = 
     folder, then by basename under ``input_dir``.
 
     Raises:
-        CaseListError: the source does not exist, contains no cases, is invalid JSON or not a
-            list, has entries with missing or unresolvable paths or an invalid view_id, or
-            has two images with the same basename (their outputs would overwrite each
-            other). The message lists every problem found. An entry that repeats an
+        CaseListError: the source does not exist, contains no cases, or is invalid JSON or
+            not a list. Also when entries have missing or unresolvable paths or an invalid
+            view_id, or when two images share a basename, because their outputs would
+            overwrite each other. The message lists every problem found. An entry that repeats an
             earlier one (same image, label and view_id) is dropped with a warning instead.
     """
     source = Path(source)

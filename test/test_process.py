@@ -642,7 +642,7 @@ def test_invalid_refined_mask_keeps_network_mask(forms_dir, weights_dir, tmp_pat
 
 
 def test_more_cases_than_read_ahead_window(weights_dir, tmp_path):
-    # The read-ahead queue holds 2 batches; a run longer than that once dropped a case.
+    # The read-ahead queue contains 2 batches, and a run longer than that once dropped a case.
     folder = tmp_path / "data"
     for index in range(23):
         write_image(folder / f"{index:02d}.h5", np.full((32, 36), 60 + index, dtype=np.uint8))

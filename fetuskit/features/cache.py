@@ -151,7 +151,7 @@ class ImageFeatureStore:
     """Extractor features of a fixed stack of images, computed on first request and kept in memory.
 
     A trainer draws the same images again and again, so each image goes through the extractor
-    once instead of at every step. Features are stored on the CPU in ``dtype``; float16
+    once instead of at every step. Features are stored on the CPU in ``dtype``. Float16
     halves the memory (N * D * h * w * 2 bytes) and rounds the unit-length features to about
     three significant digits.
 

@@ -252,11 +252,13 @@ def load_original_checkpoint(path: Path) -> DINOv3ViTModel:
 
     Raises:
         UnreadableWeightsError: (a ValueError) naming ``path`` when torch cannot read the file.
-        WeightLayoutError: when the file holds no flat dict of tensors or its keys do not fit.
+        WeightLayoutError: when the file contains no flat dict of tensors or its keys do not match.
     """
     state_dict = load_weights_only(path)
     if not isinstance(state_dict, Mapping):
-        raise WeightLayoutError(f"{path} holds a {type(state_dict).__name__}, expected a flat state_dict")
+        raise WeightLayoutError(
+            f"{path} contains a {type(state_dict).__name__}, expected a flat state_dict; pass the original DINOv3 .pth file"
+        )
     not_tensors = [str(key) for key, value in state_dict.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
         raise WeightLayoutError(

@@ -51,7 +51,7 @@ def resolve_cases(config: InferenceConfig) -> tuple[list[Case], str]:
 
     ``input_dir`` wins over ``data_json``. With ``data_json_fallback``, a missing ``data_json``
     whose folder (or its ``images`` subfolder) contains ``.h5`` files falls back to that folder,
-    with a warning; without it, a missing ``data_json`` is an error.
+    with a warning. Without it, a missing ``data_json`` is an error.
     Image paths of a JSON list are resolved as given, then relative to the list's folder, then
     by basename in the list's folder and its ``images`` subfolder. A listed image that is not
     found still becomes a case, so it gets a fallback output instead of stopping the run.

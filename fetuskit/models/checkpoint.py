@@ -181,7 +181,7 @@ def load_checkpoint(
 
 
 def export_checkpoint(source: str | Path, destination: str | Path, use: WeightsChoice = "auto") -> Path:
-    """Write a slim copy of a training checkpoint that holds one set of weights for inference.
+    """Write a slim copy of a training checkpoint with one set of weights, for inference.
 
     The chosen weights (``use``, as in :func:`load_checkpoint`) become the copy's student; the
     teacher and the training state in ``extra`` are dropped, which roughly halves the file. The

@@ -32,7 +32,7 @@ def read_state_file(path: str | Path, container_keys: tuple[str, ...] = ()) -> S
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: if the file is unreadable (``UnreadableWeightsError``) or holds no flat
+        ValueError: if the file is unreadable (``UnreadableWeightsError``) or contains no flat
             dict of tensors.
     """
     path = Path(path)

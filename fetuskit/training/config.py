@@ -371,6 +371,7 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
 
 
 def _convert(hint: Any, value: Any, key: str) -> Any:
+    """Check ``value`` against the type hint of config field ``key`` and convert it (nested configs, lists, dicts)."""
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, prefix=key + ".")
     origin = typing.get_origin(hint)
@@ -388,6 +389,7 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
         return {str(k): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
+
     if hint is Any:
         return value
     if hint is bool:

@@ -3,7 +3,7 @@
 One optimiser step: the task samples and augments a batch and computes its losses, then the
 trainer back-propagates (with a GradScaler only for fp16), clips gradients, steps AdamW and
 the learning-rate schedule, and moves the EMA teacher. Every ``validation_interval`` steps
-the main process validates the teacher and saves ``best.pt`` on a new best score; every
+the main process validates the teacher and saves ``best.pt`` on a new best score. Every
 ``checkpoint_interval`` steps and at the end it saves ``latest.pt``, which contains all that
 a resumed run needs to continue identically.
 
